@@ -1,0 +1,1 @@
+"""Tiny guest kernels shipped with hvmlab (NASM syntax), found by name."""

@@ -1,0 +1,232 @@
+"""The hypervisor's exit handlers, dispatched through one table on the basic exit reason (Intel SDM Vol. 3C ch. 28; Xen arch/x86/hvm/vmx/vmx.c's split)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from devicemodel.bus import Bus, Device
+
+from . import exit_reasons as R
+from . import vmcs as V
+from .cpuid import CpuModel
+from .engine import Reg
+from .hypercall import HypercallTable
+from .interrupts import EXCEPTION_NAMES, DeliveryFault, NoHandler, deliver
+from .memory import GuestMemory
+from .platform_ports import DebugConsole, DebugExit
+from .status import CRASHED, HALTED, LIMIT, GuestEnded, debug_exit_status
+from .vcpu import ExitInfo, Vcpu
+
+DEBUGCON_PORT = 0xE9
+DEBUG_EXIT_PORT = 0xF4
+TSC_HZ = 2_000_000_000  # the virtual TSC runs at a nominal 2 GHz of virtual time
+
+ExitFn = Callable[[Vcpu, ExitInfo], "int | list[int] | None"]
+
+
+class Hypervisor:
+    """Handles every exit of a domain's vCPUs. Ports it emulates itself sit on its own bus."""
+
+    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], cpu: CpuModel,
+                 hypercalls: HypercallTable | None = None) -> None:
+        self.memory = memory
+        self.cpu = cpu
+        self.hypercalls = hypercalls or HypercallTable()
+        self._console = console
+        self.pio = Bus("hypervisor-pio", 16)
+        self.pio.map(DEBUGCON_PORT, 1, DebugConsole(console), "debugcon")
+        self.pio.map(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
+        self._port_cache: dict[int, tuple[int, Device, str] | None] = {}
+        self.unassigned_port_reads = 0
+        self.unassigned_port_writes = 0
+        self.interrupts_injected = 0
+        self.ioreqs = 0
+        self.buffered_ioreqs = 0
+        self.timeout_s: float | None = None
+        self.user_interrupt = threading.Event()
+        self.deadline: float | None = None
+        self._table: dict[int, ExitFn] = {
+            R.EXCEPTION_NMI: self._exception,
+            R.EXTERNAL_INTERRUPT: self._external_interrupt,
+            R.TRIPLE_FAULT: self._triple_fault,
+            R.CPUID: self._cpuid,
+            R.HLT: self._hlt,
+            R.RDTSC: self._rdtsc,
+            R.VMCALL: self._vmcall,
+            R.IO_INSTRUCTION: self._io,
+            R.EPT_VIOLATION: self._ept_violation,
+        }
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def handle_exit(self, vcpu: Vcpu, x: ExitInfo):  # noqa: ANN201 - value depends on the exit
+        handler = self._table.get(x.reason)
+        if handler is None:
+            raise GuestEnded("error", 8, f"no handler for exit reason {R.name(x.reason)}")
+        return handler(vcpu, x)
+
+    # -- port I/O --------------------------------------------------------------------------------
+    def _port(self, port: int) -> tuple[int, Device, str] | None:
+        try:
+            return self._port_cache[port]
+        except KeyError:
+            hit = self._port_cache[port] = self.pio.find(port)
+            return hit
+
+    def io_direct(self, vcpu: Vcpu, port: int, size: int, direction_in: bool, value: int) -> int:
+        """An access the I/O bitmaps let through: served at once, without an exit."""
+        return self._pio(port, size, direction_in, value)[0]
+
+    def _pio(self, port: int, size: int, direction_in: bool, value: int) -> tuple[int, str]:
+        hit = self._port(port)
+        if hit is None:
+            if direction_in:
+                self.unassigned_port_reads += 1
+                return (1 << (8 * size)) - 1, "unassigned"
+            self.unassigned_port_writes += 1
+            return 0, "unassigned"
+        base, device, _name = hit
+        if direction_in:
+            return device.read(port - base, size), "hypervisor"
+        device.write(port - base, size, value)
+        return 0, "hypervisor"
+
+    def _io(self, vcpu: Vcpu, x: ExitInfo) -> int | list[int] | None:
+        if x.string:
+            return self._string_io(x)
+        value, x.handled_by = self._pio(x.port, x.size, x.direction_in, x.data or 0)
+        return value
+
+    def _string_io(self, x: ExitInfo) -> list[int] | None:
+        """INS/OUTS: every element at once, from or to guest memory (backwards when DF=1)."""
+        step = -x.size if x.df else x.size
+        addresses = [x.linear + i * step for i in range(x.count)]
+        if x.direction_in:
+            values = []
+            for _ in addresses:
+                value, x.handled_by = self._pio(x.port, x.size, True, 0)
+                values.append(value)
+            return values
+        for address in addresses:
+            if not self.memory.contains(address, x.size):
+                break  # Unicorn itself turns this element into an EPT violation
+            value = self.memory.read_uint(address, x.size)
+            _, x.handled_by = self._pio(x.port, x.size, False, value)
+        return None
+
+    def _debug_exit(self, value: int) -> None:
+        raise GuestEnded("debug_exit", debug_exit_status(value),
+                         f"guest wrote {value:#x} to the debug-exit port {DEBUG_EXIT_PORT:#x}")
+
+    # -- instructions ----------------------------------------------------------------------------
+    def _cpuid(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        leaf, subleaf = vcpu.reg(Reg.EAX) & 0xFFFF_FFFF, vcpu.reg(Reg.ECX) & 0xFFFF_FFFF
+        values = self.cpu.query(leaf, subleaf)
+        regs = (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX) if vcpu.bits == 64 else (Reg.EAX, Reg.EBX, Reg.ECX, Reg.EDX)
+        for reg, value in zip(regs, values, strict=True):
+            vcpu.set_reg(reg, value)
+        x.extra = {"leaf": leaf, "subleaf": subleaf}
+
+    def _rdtsc(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        offset = vcpu.vmcs.vmread(V.TSC_OFFSET)
+        tsc = (offset + vcpu.now_ns() * TSC_HZ // 1_000_000_000) & 0xFFFF_FFFF_FFFF_FFFF
+        if vcpu.bits == 64:
+            vcpu.set_reg(Reg.RAX, tsc & 0xFFFF_FFFF)
+            vcpu.set_reg(Reg.RDX, tsc >> 32)
+        else:
+            vcpu.set_reg(Reg.EAX, tsc & 0xFFFF_FFFF)
+            vcpu.set_reg(Reg.EDX, tsc >> 32)
+        x.extra = {"tsc": tsc}
+
+    def _vmcall(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        if vcpu.bits == 64:
+            number = vcpu.reg(Reg.RAX)
+            args = tuple(vcpu.reg(r) for r in (Reg.RDI, Reg.RSI, Reg.RDX, Reg.R10, Reg.R8))
+            result_reg, mask = Reg.RAX, 0xFFFF_FFFF_FFFF_FFFF
+        else:
+            number = vcpu.reg(Reg.EAX) & 0xFFFF_FFFF
+            args = tuple(vcpu.reg(r) & 0xFFFF_FFFF for r in (Reg.EBX, Reg.ECX, Reg.EDX, Reg.ESI, Reg.EDI))
+            result_reg, mask = Reg.EAX, 0xFFFF_FFFF
+        result = self.hypercalls.dispatch(_GuestAccess(self.memory, self._console), number, args)
+        vcpu.set_reg(result_reg, result & mask)
+        x.extra = {"hypercall": number, "result": result}
+
+    def _hlt(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        if not vcpu.reg(Reg.EFLAGS) & (1 << 9):
+            raise GuestEnded("halt", HALTED, "guest halted with interrupts disabled")
+
+    def wait_for_interrupt(self, vcpu: Vcpu) -> bool:
+        """HLT with IF=1: block (no spinning) until something wakes the vCPU. Nothing in this
+        machine raises interrupts yet, so only the host timer (--timeout) or Ctrl-C does."""
+        vcpu._kicked.wait(None if self.deadline is None else max(0.0, self.deadline - time.monotonic()) + 1.0)
+        return True
+
+    # -- events ----------------------------------------------------------------------------------
+    def _external_interrupt(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        if self.user_interrupt.is_set():
+            raise GuestEnded("interrupted", LIMIT, "stopped by the user (Ctrl-C)")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise GuestEnded("timeout", LIMIT, f"guest still running after {self.timeout_s:g} s (--timeout)")
+
+    def _exception(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        """Reflect the fault into the guest: VM entry delivers it through the guest's IVT/IDT."""
+        has_code = x.vector in (8, 10, 11, 12, 13, 14, 17)
+        vcpu.vmcs.vmwrite(V.VM_ENTRY_INTR_INFO_FIELD, V.intr_info(x.vector, V.INTR_TYPE_HARD_EXCEPTION, has_code))
+        vcpu.vmcs.vmwrite(V.VM_ENTRY_EXCEPTION_ERROR_CODE, 0)
+
+    def _triple_fault(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        why = (x.extra or {}).get("why", "")
+        raise GuestEnded("triple_fault", CRASHED,
+                         f"guest triple-faulted at rip {x.rip:#x} ({why}): the CPU shut down")
+
+    def _ept_violation(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        kind = "instruction fetch from" if x.fetch else ("write to" if x.write else "read of")
+        raise GuestEnded("ept_violation", CRASHED,
+                         f"EPT violation: {kind} guest-physical address {x.gpa:#x} at rip {x.rip:#x}, "
+                         f"which is neither RAM nor a device")
+
+    def inject(self, vcpu: Vcpu, vector: int, kind: int, error_code: int | None) -> None:
+        """VM entry with an event to deliver: vector the guest as the CPU would."""
+        engine = vcpu.engine
+        return_ip = engine.reg(Reg.RIP if vcpu.bits == 64 else Reg.EIP)
+        if vcpu.bits == 16:
+            return_ip &= 0xFFFF
+        name = EXCEPTION_NAMES.get(vector, f"vector {vector:#x}")
+        try:
+            deliver(engine, self.memory, vector, return_ip, error_code)
+            if kind != V.INTR_TYPE_SOFT_INTR:
+                self.interrupts_injected += 1
+            return
+        except NoHandler:
+            raise_crash = f"unhandled {name} at rip {vcpu.linear_pc():#x}: no handler in the IVT"
+            raise GuestEnded("fault", CRASHED, f"guest crashed: {raise_crash}") from None
+        except DeliveryFault as first:
+            reason = f"{name}: {first.why}"
+        if kind == V.INTR_TYPE_HARD_EXCEPTION and vector != 8:
+            try:
+                deliver(engine, self.memory, 8, return_ip, 0)  # double fault
+                self.interrupts_injected += 1
+                return
+            except (DeliveryFault, NoHandler) as second:
+                reason += f"; then #DF: {second}"
+        vcpu.triple_fault(reason)
+
+
+class _GuestAccess:
+    """Guest memory as a hypercall sees it (HVM guests here run identity-mapped)."""
+
+    def __init__(self, memory: GuestMemory, console: Callable[[bytes], None]) -> None:
+        self._memory = memory
+        self.console_write = console
+
+    def copy_from_guest(self, address: int, length: int) -> bytes | None:
+        if not self._memory.contains(address, length):
+            return None
+        return self._memory.read(address, length)
+
+    def copy_to_guest(self, address: int, data: bytes) -> bool:
+        if not self._memory.contains(address, len(data)):
+            return False
+        self._memory.write(address, data)
+        return True

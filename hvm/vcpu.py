@@ -1,0 +1,455 @@
+"""The vCPU: guest events become VM exits recorded in the VMCS, then VM entry resumes the guest (Intel SDM Vol. 3C ch. 26-28)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from . import exit_reasons as R
+from . import vmcs as V
+from .controls import ExecutionControls
+from .decode import DecodeError, Disassembler, IoInstruction, decode_io
+from .engine import Engine, Reg
+from .interrupts import ERROR_CODE_VECTORS
+from .memory import GuestMemory
+from .qualification import encode_ept
+from .status import LIMIT, GuestEnded
+from .trace import TraceWriter
+
+HOST_TIMER_VECTOR = 0xEC  # the host's local-timer vector (Linux LOCAL_TIMER_VECTOR) seen at the exit
+
+
+class ExitInfo:
+    """The exit being handled: what the VMCS exit-information area says, decoded for handlers.
+
+    One object per vCPU, reused for every exit (no allocation on the hot path)."""
+
+    __slots__ = ("seq", "reason", "qualification", "length", "rip", "t_ns", "port", "size",
+                 "direction_in", "string", "rep", "count", "data", "linear", "df", "handled_by",
+                 "vector", "gpa", "write", "fetch", "insn_json", "extra")
+
+    def __init__(self) -> None:
+        self.seq = self.reason = self.qualification = self.length = self.rip = self.t_ns = 0
+        self.port = self.size = self.count = self.linear = self.vector = self.gpa = 0
+        self.direction_in = self.string = self.rep = self.df = self.write = self.fetch = False
+        self.data: int | None = None
+        self.handled_by = ""
+        self.insn_json = '""'
+        self.extra: dict | None = None
+
+
+class ExitHandler(Protocol):
+    """The hypervisor as the vCPU sees it: one entry point per exit, dispatched on reason."""
+
+    def handle_exit(self, vcpu: Vcpu, exit: ExitInfo) -> int | None: ...
+    def io_direct(self, vcpu: Vcpu, port: int, size: int, direction_in: bool, value: int) -> int: ...
+
+
+class Vcpu:
+    """One virtual CPU: owns its Unicorn engine and VMCS, and runs on its own thread."""
+
+    def __init__(self, vcpu_id: int, engine: Engine, memory: GuestMemory, controls: ExecutionControls,
+                 hypervisor: ExitHandler, tracer: TraceWriter | None = None,
+                 max_exits: int | None = None, dump_at: int | None = None) -> None:
+        self.id = vcpu_id
+        self.engine = engine
+        self.memory = memory
+        self.controls = controls
+        self.hv = hypervisor
+        self.tracer = tracer
+        self.max_exits = max_exits
+        self.dump_at = dump_at
+        self.dump: dict | None = None
+        self.vmcs = V.Vmcs(self._guest_field)
+        controls.write_to(self.vmcs)
+        self.exit = ExitInfo()
+        self.exits = 0
+        self.exits_by_reason: dict[int, int] = {}
+        self.direct_port_accesses = 0
+        self.bits = engine.bits
+        self._pc_reg = Reg.RIP if self.bits == 64 else Reg.EIP
+        self._disasm = Disassembler(self.bits)
+        self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str]] = {}
+        self._string: tuple[int, int, list[int] | None] | None = None  # (pc, elements left, IN values)
+        self._event: tuple[str, int, int] | None = None  # ("exception"|"soft", vector, return ip)
+        self._ending: GuestEnded | None = None
+        self._kicked = threading.Event()
+        self._stopped_by_kick = False
+        self._t0 = time.perf_counter_ns()
+        self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
+
+    # -- time and registers ------------------------------------------------------------------------
+    def now_ns(self) -> int:
+        return time.perf_counter_ns() - self._t0
+
+    def reg(self, reg: int) -> int:
+        return self.engine.reg(reg)
+
+    def set_reg(self, reg: int, value: int) -> None:
+        self.engine.set_reg(reg, value)
+
+    def linear_pc(self) -> int:
+        engine = self.engine
+        if self.bits == 16:
+            return ((engine.reg(Reg.CS) << 4) + (engine.reg(Reg.EIP) & 0xFFFF)) & 0xF_FFFF
+        return engine.reg(self._pc_reg)
+
+    def _guest_field(self, encoding: int) -> int | None:
+        """Load one guest-state field from the CPU (the VMCS reads guest state lazily)."""
+        e = self.engine
+        simple = {V.GUEST_RIP: self._pc_reg, V.GUEST_RSP: Reg.RSP if self.bits == 64 else Reg.ESP,
+                  V.GUEST_RFLAGS: Reg.EFLAGS, V.GUEST_CR0: Reg.CR0, V.GUEST_CR3: Reg.CR3,
+                  V.GUEST_CR4: Reg.CR4, V.GUEST_DR7: Reg.DR7}
+        if encoding in simple:
+            return e.reg(simple[encoding])
+        for seg in ("es", "cs", "ss", "ds", "fs", "gs"):
+            up = seg.upper()
+            if encoding in (getattr(V, f"GUEST_{up}_SELECTOR"), getattr(V, f"GUEST_{up}_BASE"),
+                            getattr(V, f"GUEST_{up}_LIMIT"), getattr(V, f"GUEST_{up}_AR_BYTES")):
+                state = e.segment(seg)
+                self.vmcs._fields[getattr(V, f"GUEST_{up}_SELECTOR")] = state.selector
+                self.vmcs._fields[getattr(V, f"GUEST_{up}_BASE")] = state.base
+                self.vmcs._fields[getattr(V, f"GUEST_{up}_LIMIT")] = state.limit & 0xFFFF_FFFF
+                self.vmcs._fields[getattr(V, f"GUEST_{up}_AR_BYTES")] = state.flags
+                return self.vmcs._fields[encoding]
+        if encoding in (V.GUEST_GDTR_BASE, V.GUEST_GDTR_LIMIT, V.GUEST_IDTR_BASE, V.GUEST_IDTR_LIMIT):
+            which = "gdtr" if encoding in (V.GUEST_GDTR_BASE, V.GUEST_GDTR_LIMIT) else "idtr"
+            base, limit = e.table(which)
+            return base if encoding in (V.GUEST_GDTR_BASE, V.GUEST_IDTR_BASE) else limit
+        if encoding == V.GUEST_IA32_EFER:
+            return e.msr(0xC000_0080) if self.bits != 16 else 0
+        if encoding == V.GUEST_ACTIVITY_STATE:
+            return 0
+        return None
+
+    # -- the exit path shared by every reason ----------------------------------------------------
+    def _record(self, reason: int, qualification: int, length: int, rip: int, *,
+                intr_info: int = 0, linear: int = 0, gpa: int = 0) -> ExitInfo:
+        x = self.exit
+        x.t_ns = time.perf_counter_ns() - self._t0
+        x.seq = self.exits
+        x.reason = reason
+        x.qualification = qualification
+        x.length = length
+        x.rip = rip
+        x.handled_by = "hypervisor"
+        x.extra = None
+        self.vmcs.record_exit(reason, qualification, length, intr_info, linear, gpa)
+        self.exits += 1
+        self.exits_by_reason[reason] = self.exits_by_reason.get(reason, 0) + 1
+        return x
+
+    def _finish(self, x: ExitInfo, io: tuple | None) -> None:
+        """After the handler: trace, VMCS dump, and the --max-exits limit."""
+        if self.tracer is not None:
+            latency = time.perf_counter_ns() - self._t0 - x.t_ns
+            self.tracer.add((x.seq, x.t_ns, self.id, x.reason, x.qualification, x.rip, x.insn_json,
+                             x.handled_by, latency, io, x.extra))
+        if self.dump_at is not None and x.seq == self.dump_at:
+            self.dump = {"exit": x.seq, "reason": R.name(x.reason), "vmcs": self._vmcs_views()}
+        if self.max_exits is not None and self.exits >= self.max_exits:
+            raise GuestEnded("max_exits", LIMIT, f"stopped after {self.exits} exits (--max-exits)")
+
+    def _vmcs_views(self) -> list:
+        return self.vmcs.fields()
+
+    def _insn_json(self, pc: int) -> str:
+        if self.tracer is None:
+            return '""'
+        code = self.memory.read(pc, min(15, self.memory.size - pc)) if self.memory.contains(pc) else b""
+        return self._disasm.json_text(pc, code)
+
+    # -- I/O instructions ------------------------------------------------------------------------
+    def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str]:
+        hit = self._io_cache.get(pc)
+        ram = self.memory.ram
+        if hit is not None and ram[pc:pc + len(hit[0])] == hit[0]:
+            return hit
+        code = self.memory.read(pc, min(15, self.memory.size - pc))
+        try:
+            io = decode_io(code, self.bits)
+        except DecodeError:
+            io = IoInstruction(1, False, False, False, False, 1, 16, "ds", None)
+        qual_base = ((io.size - 1) | (8 if io.direction_in else 0) | (16 if io.string else 0)
+                     | (32 if io.rep else 0) | (64 if io.immediate else 0))
+        entry = (code[:io.length], io, qual_base, self._disasm.json_text(pc, code))
+        self._io_cache[pc] = entry
+        return entry
+
+    def on_out(self, port: int, size: int, value: int) -> None:
+        if self._ending is not None:
+            return
+        pc = self.linear_pc()
+        string = self._string
+        if string is not None and string[0] == pc:
+            self._string_step()
+            return
+        code, io, qual_base, insn_json = self._io_decode(pc)
+        if not self.controls.io_exits(port, size):
+            self.direct_port_accesses += 1
+            self.hv.io_direct(self, port, size, False, value)
+            return
+        if io.string:
+            self._string_exit(pc, port, size, io, qual_base, insn_json, None)
+            return
+        x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
+        x.port, x.size, x.direction_in, x.string, x.rep, x.count, x.data = port, size, False, False, False, 1, value
+        x.insn_json = insn_json
+        self.hv.handle_exit(self, x)
+        self._finish(x, (port, size, "out", False, False, 1, value) if self.tracer else None)
+
+    def on_in(self, port: int, size: int) -> int:
+        if self._ending is not None:
+            return 0
+        pc = self.linear_pc()
+        string = self._string
+        if string is not None and string[0] == pc:
+            return self._string_step()
+        code, io, qual_base, insn_json = self._io_decode(pc)
+        mask = (1 << (8 * size)) - 1
+        if not self.controls.io_exits(port, size):
+            self.direct_port_accesses += 1
+            return self.hv.io_direct(self, port, size, True, 0) & mask
+        if io.string:
+            return self._string_exit(pc, port, size, io, qual_base, insn_json, True)
+        x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
+        x.port, x.size, x.direction_in, x.string, x.rep, x.count, x.data = port, size, True, False, False, 1, None
+        x.insn_json = insn_json
+        value = (self.hv.handle_exit(self, x) or 0) & mask
+        x.data = value
+        self._finish(x, (port, size, "in", False, False, 1, value) if self.tracer else None)
+        return value
+
+    def _string_exit(self, pc: int, port: int, size: int, io: IoInstruction, qual_base: int,
+                     insn_json: str, direction_in: bool | None) -> int:
+        """INS/OUTS: ONE exit for the whole (REP) instruction, as on hardware; the elements the
+        hooks see afterwards are served from what the handler did at the exit."""
+        engine = self.engine
+        mask = {16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}[io.address_size]
+        wide = self.bits == 64
+        count = (engine.reg(Reg.RCX if wide else Reg.ECX) & mask) if io.rep else 1
+        index_reg = (Reg.RDI if wide else Reg.EDI) if io.direction_in else (Reg.RSI if wide else Reg.ESI)
+        offset = engine.reg(index_reg) & mask
+        base = engine.segment(io.segment).base if self.bits != 64 else 0
+        linear = (base + offset) & (0xF_FFFF if self.bits == 16 else 0xFFFF_FFFF_FFFF_FFFF)
+        df = bool(engine.reg(Reg.EFLAGS) & (1 << 10))
+        x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc, linear=linear)
+        self.vmcs._fields[V.VMX_INSTRUCTION_INFO] = io.instruction_info
+        x.port, x.size, x.direction_in, x.string, x.rep = port, size, io.direction_in, True, io.rep
+        x.count, x.data, x.linear, x.df = count, None, linear, df
+        x.insn_json = insn_json
+        values = self.hv.handle_exit(self, x)
+        in_values = list(values) if io.direction_in and values is not None else None  # type: ignore[call-overload]
+        if count > 1:
+            self._string = (pc, count - 1, in_values[1:] if in_values is not None else None)
+        self._finish(x, (port, size, "in" if io.direction_in else "out", True, io.rep, count, None)
+                     if self.tracer else None)
+        if in_values:
+            return in_values[0]
+        return 0
+
+    def _string_step(self) -> int:
+        assert self._string is not None
+        pc, left, values = self._string
+        value = values.pop(0) if values else 0
+        self._string = (pc, left - 1, values) if left > 1 else None
+        return value
+
+    # -- other instructions that exit ------------------------------------------------------------
+    def on_cpuid(self) -> None:
+        if self._ending is not None:
+            return
+        pc = self.linear_pc()
+        x = self._record(R.CPUID, 0, 2, pc)
+        x.insn_json = self._insn_json(pc)
+        self.hv.handle_exit(self, x)
+        self._finish(x, None)
+
+    def on_rdtsc(self) -> None:
+        if self._ending is not None:
+            return
+        pc = self.linear_pc()
+        x = self._record(R.RDTSC, 0, 2, pc)
+        x.insn_json = self._insn_json(pc)
+        self.hv.handle_exit(self, x)
+        self._finish(x, None)
+
+    def on_invalid_insn(self) -> bool:
+        """VMCALL (0F 01 C1) exits to the hypervisor; any other invalid opcode is #UD."""
+        if self._ending is not None:
+            return False
+        pc = self.linear_pc()
+        if self.memory.contains(pc, 3) and self.memory.read(pc, 3) == b"\x0f\x01\xc1":
+            x = self._record(R.VMCALL, 0, 3, pc)
+            x.insn_json = self._insn_json(pc)
+            self.hv.handle_exit(self, x)
+            self._finish(x, None)
+            self.engine.set_reg(self._pc_reg, self.engine.reg(self._pc_reg) + 3)  # VM entry skips it
+            return True
+        self._event = ("exception", 6, pc)
+        return False
+
+    def on_interrupt(self, vector: int) -> None:
+        """Unicorn raised an interrupt: a CPU exception (RIP at the faulting instruction) or
+        INT n / INT3 / INTO (RIP after it). Handled after Unicorn returns, where RIP/CS are exact."""
+        pc = self.linear_pc()
+        mem = self.memory
+        soft = ((vector == 3 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xcc")
+                or (vector == 4 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xce")
+                or (mem.contains(pc - 2, 2) and mem.read(pc - 2, 2) == bytes((0xCD, vector))))
+        self._event = ("soft" if soft else "exception", vector, pc)
+        self.engine.stop()
+
+    def on_unmapped(self, write: bool, fetch: bool, address: int, size: int, value: int) -> bool:
+        """An access to guest-physical memory that EPT does not map: EPT_VIOLATION."""
+        if self._ending is not None:
+            return False
+        pc = self.linear_pc()
+        x = self._record(R.EPT_VIOLATION, encode_ept(not write and not fetch, write, fetch), 0, pc,
+                         linear=address, gpa=address)
+        x.gpa, x.write, x.fetch, x.size, x.data = address, write, fetch, size, value if write else None
+        x.insn_json = self._insn_json(pc) if not fetch else '""'
+        try:
+            self.hv.handle_exit(self, x)
+        finally:
+            self._finish(x, None)
+        return False
+
+    def on_hook_exception(self, exc: BaseException) -> None:
+        """A handler ended the run (or failed) inside a hook: the rest of Unicorn's block still
+        runs, so every later hook must do nothing."""
+        if isinstance(exc, GuestEnded):
+            self._ending = exc
+        else:
+            self._ending = GuestEnded("error", 8, f"internal error: {type(exc).__name__}: {exc}")
+
+    # -- external events -------------------------------------------------------------------------
+    def kick(self) -> None:
+        """Another thread wants the vCPU out of the guest (a host interrupt): emu_stop."""
+        self._kicked.set()
+        self.engine.stop()
+
+    # -- the run loop ----------------------------------------------------------------------------
+    def run(self, entry_linear: int, wait_for_interrupt: Callable[[Vcpu], bool]) -> GuestEnded:
+        """Run until the guest ends; returns how it ended. `wait_for_interrupt` blocks a halted
+        vCPU (HLT with IF=1) until there is something to do; False if it should stop waiting."""
+        pc = entry_linear
+        while True:
+            try:
+                pc = self._run_once(pc, wait_for_interrupt)
+            except GuestEnded as ending:
+                self._ending = ending
+            if self._ending is not None:
+                return self._ending
+
+    def _run_once(self, pc: int, wait_for_interrupt: Callable[[Vcpu], bool]) -> int:
+        """VM entry, guest execution until the next stop, and the exit that stop means."""
+        self._vm_entry()
+        if self._kicked.is_set():
+            self._external_interrupt()
+            return self.linear_pc()
+        self.vmcs.guest_stale()
+        stop = self.engine.run(pc)
+        exc = stop.hook_exception
+        if exc is not None:
+            if isinstance(exc, GuestEnded):
+                raise exc
+            raise exc  # a bug in a handler: the machine reports it as an internal failure
+        event, self._event = self._event, None
+        if event is not None:
+            self._exception_or_soft(*event)
+        elif self._kicked.is_set():
+            self._external_interrupt()
+        elif stop.error is None:
+            self._halted(wait_for_interrupt)
+        else:
+            self._engine_error(stop.error)
+        return self.linear_pc()
+
+    def _vm_entry(self) -> None:
+        """VM entry: deliver the event in VM_ENTRY_INTR_INFO_FIELD, then clear its valid bit."""
+        info = self.vmcs._fields[V.VM_ENTRY_INTR_INFO_FIELD]
+        if not info & V.INTR_INFO_VALID:
+            return
+        self.vmcs._fields[V.VM_ENTRY_INTR_INFO_FIELD] = 0
+        self.hv.inject(self, info & 0xFF, (info >> 8) & 7,  # type: ignore[attr-defined]
+                       self.vmcs._fields[V.VM_ENTRY_EXCEPTION_ERROR_CODE]
+                       if info & V.INTR_INFO_DELIVER_CODE else None)
+
+    def _call(self, x: ExitInfo) -> None:
+        try:
+            self.hv.handle_exit(self, x)
+            self._finish(x, None)
+        except GuestEnded as ending:
+            if self.tracer is not None or self.dump_at is not None:
+                try:
+                    self._finish(x, None)
+                except GuestEnded:
+                    pass
+            self._ending = ending
+
+    def _external_interrupt(self) -> None:
+        self._kicked.clear()
+        pc = self.linear_pc()
+        x = self._record(R.EXTERNAL_INTERRUPT, 0, 0, pc,
+                         intr_info=V.intr_info(HOST_TIMER_VECTOR, V.INTR_TYPE_EXTERNAL))
+        x.vector = HOST_TIMER_VECTOR
+        self._call(x)
+
+    def _halted(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> None:
+        pc_after = self.linear_pc()
+        hlt_pc = pc_after - 1
+        if not (self.memory.contains(hlt_pc) and self.memory.read(hlt_pc, 1) == b"\xf4"):
+            self._ending = GuestEnded("error", 8, f"the CPU stopped at {pc_after:#x} for no known reason")
+            return
+        if self.controls.hlt_exiting:
+            x = self._record(R.HLT, 0, 1, hlt_pc)
+            self.vmcs._fields[V.GUEST_RIP] = hlt_pc if self.bits != 16 else (self.engine.reg(Reg.EIP) - 1) & 0xFFFF
+            self.vmcs._available.add(V.GUEST_RIP)
+            x.insn_json = self._insn_json(hlt_pc)
+            self._call(x)
+        elif not self.engine.reg(Reg.EFLAGS) & (1 << 9):
+            self._ending = GuestEnded("halt", 0, "guest halted with interrupts disabled")
+        if self._ending is None and not wait_for_interrupt(self):
+            self._ending = self._ending or GuestEnded("error", 8, "halted vCPU was never woken")
+
+    def triple_fault(self, why: str) -> None:
+        """Delivery of a fault faulted again, and so did #DF: the CPU shuts down (exit 2)."""
+        pc = self.linear_pc()
+        x = self._record(R.TRIPLE_FAULT, 0, 0, pc)
+        x.extra = {"why": why}
+        x.insn_json = self._insn_json(pc)
+        self._call(x)
+        if self._ending is not None:
+            raise self._ending
+
+    def _exception_or_soft(self, kind: str, vector: int, pc: int) -> None:
+        if kind == "soft":
+            # INT n is not intercepted (no VMX control for it): the CPU vectors straight away.
+            self.hv.inject(self, vector, V.INTR_TYPE_SOFT_INTR, None)  # type: ignore[attr-defined]
+            return
+        has_code = vector in ERROR_CODE_VECTORS
+        x = self._record(R.EXCEPTION_NMI, 0, 0, pc,
+                         intr_info=V.intr_info(vector, V.INTR_TYPE_HARD_EXCEPTION, has_code))
+        x.vector = vector
+        x.insn_json = self._insn_json(pc)
+        if self.controls.exception_bitmap >> vector & 1:
+            self._call(x)
+        else:
+            self.exits -= 1
+            self.exits_by_reason[R.EXCEPTION_NMI] -= 1
+            self.hv.inject(self, vector, V.INTR_TYPE_HARD_EXCEPTION, 0 if has_code else None)  # type: ignore[attr-defined]
+
+    def _engine_error(self, error: str) -> None:
+        pc = self.linear_pc()
+        if error in ("INSN_INVALID",):
+            self._exception_or_soft("exception", 6, pc)
+        elif error in ("READ_UNMAPPED", "WRITE_UNMAPPED", "FETCH_UNMAPPED"):
+            # the unmapped hook already recorded the EPT violation and ended the run
+            self._ending = self._ending or GuestEnded("ept_violation", 4, f"EPT violation at rip {pc:#x}")
+        elif error in ("READ_PROT", "WRITE_PROT", "FETCH_PROT", "EXCEPTION"):
+            self._exception_or_soft("exception", 13, pc)
+        else:
+            self._ending = GuestEnded("fault", 4, f"the CPU could not go on at {pc:#x}: {error}")

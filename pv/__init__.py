@@ -1,0 +1,1 @@
+"""hvmlab paravirtual path: hypercalls, grant tables, rings, XenStore and backends (Xen public headers)."""
