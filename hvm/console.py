@@ -15,10 +15,12 @@ class ConsoleSink:
         self.dropped = 0
 
     def __call__(self, data: bytes) -> None:
-        room = self._limit - len(self.data)
-        if room > 0:
+        if len(self.data) + len(data) <= self._limit:
+            self.data += data
+        else:
+            room = max(0, self._limit - len(self.data))
             self.data += data[:room]
-        self.dropped += max(0, len(data) - max(room, 0))
+            self.dropped += len(data) - room
         if self._stream is not None:
             self._stream.write(data)
             if b"\n" in data:

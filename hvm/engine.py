@@ -239,9 +239,34 @@ class Engine:
 
     # -- registers -------------------------------------------------------------------------------
     def reg(self, reg: int) -> int:
-        """Read one register through the C API directly (the binding's reg_read is ~3x slower)."""
+        """Read one register through the C API directly (the binding's reg_read is ~3x slower).
+        Unicorn writes only the register's width into the buffer: clear it first."""
+        self._u64.value = 0
         self._reg_read(self._h, reg, self._u64_ref)
         return self._u64.value
+
+    def pc_reader(self) -> Callable[[], int]:
+        """A function returning the linear address of the current instruction, as cheap as the
+        binding allows: one C call in protected/long mode, two in real mode (CS base + IP)."""
+        h, read, buf, ref = self._h, self._reg_read, self._u64, self._u64_ref
+        if self.bits == 16:
+            cs, eip = int(Reg.CS), int(Reg.EIP)
+
+            def pc16() -> int:
+                buf.value = 0
+                read(h, cs, ref)
+                base = buf.value << 4
+                buf.value = 0
+                read(h, eip, ref)
+                return (base + (buf.value & 0xFFFF)) & 0xF_FFFF
+            return pc16
+        reg = int(Reg.RIP if self.bits == 64 else Reg.EIP)
+
+        def pc() -> int:
+            buf.value = 0
+            read(h, reg, ref)
+            return buf.value
+        return pc
 
     def set_reg(self, reg: int, value: int) -> None:
         self._u64.value = value & 0xFFFF_FFFF_FFFF_FFFF
@@ -266,7 +291,7 @@ class Engine:
         flags = (raw >> 40) & 0xF0FF  # access byte and G/DB/L/AVL: the VMCS access-rights layout
         if flags & 0x8000:
             limit = (limit << 12) | 0xFFF
-        if name in ("fs", "gs"):
+        if name in ("fs", "gs") and self.bits == 64:
             base = self.reg(Reg.FS_BASE if name == "fs" else Reg.GS_BASE)
         return SegmentState(selector, base, limit, flags)
 

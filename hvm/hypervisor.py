@@ -59,11 +59,16 @@ class Hypervisor:
             R.EPT_VIOLATION: self._ept_violation,
         }
 
+    def exit_table(self) -> dict[int, ExitFn]:
+        """Basic exit reason -> handler: the one table every exit is dispatched through."""
+        return self._table
+
     # -- dispatch --------------------------------------------------------------------------------
     def handle_exit(self, vcpu: Vcpu, x: ExitInfo):  # noqa: ANN201 - value depends on the exit
-        handler = self._table.get(x.reason)
-        if handler is None:
-            raise GuestEnded("error", 8, f"no handler for exit reason {R.name(x.reason)}")
+        try:
+            handler = self._table[x.reason]
+        except KeyError:
+            raise GuestEnded("error", 8, f"no handler for exit reason {R.name(x.reason)}") from None
         return handler(vcpu, x)
 
     # -- port I/O --------------------------------------------------------------------------------
@@ -95,6 +100,13 @@ class Hypervisor:
     def _io(self, vcpu: Vcpu, x: ExitInfo) -> int | list[int] | None:
         if x.string:
             return self._string_io(x)
+        hit = self._port_cache.get(x.port, False)
+        if hit:  # the common case: a port this hypervisor emulates
+            base, device, _name = hit  # type: ignore[misc]
+            if x.direction_in:
+                return device.read(x.port - base, x.size)
+            device.write(x.port - base, x.size, x.data)
+            return 0
         value, x.handled_by = self._pio(x.port, x.size, x.direction_in, x.data or 0)
         return value
 

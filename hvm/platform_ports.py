@@ -8,6 +8,8 @@ from collections.abc import Callable
 class DebugConsole:
     """Port 0xE9: bytes written go to the console sink; a read returns 0xE9 (how guests probe it)."""
 
+    _BYTES = [bytes((i,)) for i in range(256)]
+
     def __init__(self, output: Callable[[bytes], None]) -> None:
         self._output = output
         self.bytes_written = 0
@@ -16,8 +18,10 @@ class DebugConsole:
         return 0xE9 if size == 1 else (0xE9 | ((1 << (8 * size)) - 0x100))
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._output(bytes(((value >> (8 * i)) & 0xFF for i in range(size))) if size > 1
-                     else bytes((value & 0xFF,)))
+        if size == 1:
+            self._output(self._BYTES[value & 0xFF])
+        else:
+            self._output(value.to_bytes(size, "little"))
         self.bytes_written += size
 
 

@@ -44,6 +44,7 @@ class ExitHandler(Protocol):
     """The hypervisor as the vCPU sees it: one entry point per exit, dispatched on reason."""
 
     def handle_exit(self, vcpu: Vcpu, exit: ExitInfo) -> int | None: ...
+    def exit_table(self) -> dict: ...
     def io_direct(self, vcpu: Vcpu, port: int, size: int, direction_in: bool, value: int) -> int: ...
 
 
@@ -66,9 +67,13 @@ class Vcpu:
         controls.write_to(self.vmcs)
         self.exit = ExitInfo()
         self.exits = 0
-        self.exits_by_reason: dict[int, int] = {}
+        self._by_reason = [0] * 80  # indexed by basic exit reason
         self.direct_port_accesses = 0
         self.bits = engine.bits
+        self._io_exit_cache: dict[int, bool] = {}  # port | size << 16 -> exits? (from the bitmaps)
+        self._pc = engine.pc_reader()
+        self._ram = memory.ram
+        self._io_handler = hypervisor.exit_table()[R.IO_INSTRUCTION]
         self._pc_reg = Reg.RIP if self.bits == 64 else Reg.EIP
         self._disasm = Disassembler(self.bits)
         self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str]] = {}
@@ -81,6 +86,21 @@ class Vcpu:
         self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
 
     # -- time and registers ------------------------------------------------------------------------
+    @property
+    def exits_by_reason(self) -> dict[int, int]:
+        return {reason: n for reason, n in enumerate(self._by_reason) if n}
+
+    def controls_changed(self) -> None:
+        """The hypervisor changed the execution controls: forget cached decisions."""
+        self._io_exit_cache.clear()
+
+    def _io_exits(self, port: int, size: int) -> bool:
+        key = port | size << 16
+        hit = self._io_exit_cache.get(key)
+        if hit is None:
+            hit = self._io_exit_cache[key] = self.controls.io_exits(port, size)
+        return hit
+
     def now_ns(self) -> int:
         return time.perf_counter_ns() - self._t0
 
@@ -91,10 +111,7 @@ class Vcpu:
         self.engine.set_reg(reg, value)
 
     def linear_pc(self) -> int:
-        engine = self.engine
-        if self.bits == 16:
-            return ((engine.reg(Reg.CS) << 4) + (engine.reg(Reg.EIP) & 0xFFFF)) & 0xF_FFFF
-        return engine.reg(self._pc_reg)
+        return self._pc()
 
     def _guest_field(self, encoding: int) -> int | None:
         """Load one guest-state field from the CPU (the VMCS reads guest state lazily)."""
@@ -128,7 +145,8 @@ class Vcpu:
     def _record(self, reason: int, qualification: int, length: int, rip: int, *,
                 intr_info: int = 0, linear: int = 0, gpa: int = 0) -> ExitInfo:
         x = self.exit
-        x.t_ns = time.perf_counter_ns() - self._t0
+        if self.tracer is not None:
+            x.t_ns = time.perf_counter_ns() - self._t0
         x.seq = self.exits
         x.reason = reason
         x.qualification = qualification
@@ -138,7 +156,7 @@ class Vcpu:
         x.extra = None
         self.vmcs.record_exit(reason, qualification, length, intr_info, linear, gpa)
         self.exits += 1
-        self.exits_by_reason[reason] = self.exits_by_reason.get(reason, 0) + 1
+        self._by_reason[reason] += 1
         return x
 
     def _finish(self, x: ExitInfo, io: tuple | None) -> None:
@@ -163,10 +181,6 @@ class Vcpu:
 
     # -- I/O instructions ------------------------------------------------------------------------
     def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str]:
-        hit = self._io_cache.get(pc)
-        ram = self.memory.ram
-        if hit is not None and ram[pc:pc + len(hit[0])] == hit[0]:
-            return hit
         code = self.memory.read(pc, min(15, self.memory.size - pc))
         try:
             io = decode_io(code, self.bits)
@@ -179,15 +193,22 @@ class Vcpu:
         return entry
 
     def on_out(self, port: int, size: int, value: int) -> None:
+        """OUT/OUTS: the hot path of every port write, kept short on purpose."""
         if self._ending is not None:
             return
-        pc = self.linear_pc()
+        pc = self._pc()
         string = self._string
         if string is not None and string[0] == pc:
             self._string_step()
             return
-        code, io, qual_base, insn_json = self._io_decode(pc)
-        if not self.controls.io_exits(port, size):
+        hit = self._io_cache.get(pc)
+        if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
+            hit = self._io_decode(pc)
+        code, io, qual_base, insn_json = hit
+        exits = self._io_exit_cache.get(port | size << 16)
+        if exits is None:
+            exits = self._io_exits(port, size)
+        if not exits:
             self.direct_port_accesses += 1
             self.hv.io_direct(self, port, size, False, value)
             return
@@ -195,10 +216,15 @@ class Vcpu:
             self._string_exit(pc, port, size, io, qual_base, insn_json, None)
             return
         x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
-        x.port, x.size, x.direction_in, x.string, x.rep, x.count, x.data = port, size, False, False, False, 1, value
+        x.port = port
+        x.size = size
+        x.direction_in = x.string = x.rep = False
+        x.count = 1
+        x.data = value
         x.insn_json = insn_json
-        self.hv.handle_exit(self, x)
-        self._finish(x, (port, size, "out", False, False, 1, value) if self.tracer else None)
+        self._io_handler(self, x)
+        if self.tracer is not None or self.dump_at is not None or self.max_exits is not None:
+            self._finish(x, (port, size, "out", False, False, 1, value))
 
     def on_in(self, port: int, size: int) -> int:
         if self._ending is not None:
@@ -207,9 +233,12 @@ class Vcpu:
         string = self._string
         if string is not None and string[0] == pc:
             return self._string_step()
-        code, io, qual_base, insn_json = self._io_decode(pc)
+        hit = self._io_cache.get(pc)
+        if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
+            hit = self._io_decode(pc)
+        code, io, qual_base, insn_json = hit
         mask = (1 << (8 * size)) - 1
-        if not self.controls.io_exits(port, size):
+        if not self._io_exits(port, size):
             self.direct_port_accesses += 1
             return self.hv.io_direct(self, port, size, True, 0) & mask
         if io.string:
@@ -217,9 +246,10 @@ class Vcpu:
         x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
         x.port, x.size, x.direction_in, x.string, x.rep, x.count, x.data = port, size, True, False, False, 1, None
         x.insn_json = insn_json
-        value = (self.hv.handle_exit(self, x) or 0) & mask
+        value = (self._io_handler(self, x) or 0) & mask
         x.data = value
-        self._finish(x, (port, size, "in", False, False, 1, value) if self.tracer else None)
+        if self.tracer is not None or self.dump_at is not None or self.max_exits is not None:
+            self._finish(x, (port, size, "in", False, False, 1, value))
         return value
 
     def _string_exit(self, pc: int, port: int, size: int, io: IoInstruction, qual_base: int,
@@ -439,7 +469,7 @@ class Vcpu:
             self._call(x)
         else:
             self.exits -= 1
-            self.exits_by_reason[R.EXCEPTION_NMI] -= 1
+            self._by_reason[R.EXCEPTION_NMI] -= 1
             self.hv.inject(self, vector, V.INTR_TYPE_HARD_EXCEPTION, 0 if has_code else None)  # type: ignore[attr-defined]
 
     def _engine_error(self, error: str) -> None:

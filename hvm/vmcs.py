@@ -246,7 +246,8 @@ class Vmcs:
         f[VM_EXIT_INTR_INFO] = intr_info
         f[GUEST_LINEAR_ADDRESS] = linear_address
         f[GUEST_PHYSICAL_ADDRESS] = guest_physical
-        self._available.clear()
+        if self._available:
+            self._available.clear()
 
     def guest_stale(self) -> None:
         """The guest ran: cached guest-state fields no longer hold."""

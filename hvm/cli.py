@@ -1,0 +1,335 @@
+"""The `hvmlab` command: run guests, assemble them, read traces, benchmark, show the ABI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import status
+from .status import STATUS_HELP
+
+DESCRIPTION = """\
+hvmlab runs tiny x86 guest kernels as real machine code under the Unicorn CPU emulator.
+Their IN/OUT, CPUID, HLT, RDTSC, VMCALL, faults and unmapped accesses are VM exits recorded
+in a VMCS exactly as Intel's SDM reports them, and handled by a Xen-style hypervisor."""
+
+RUN_EPILOG = f"""\
+GUEST is a .asm file (NASM syntax; `bits` and `org` choose the mode and load address), a
+flat .bin (loaded at --load), an ELF executable (PT_LOAD segments, entry point), or the
+name of a shipped guest (see `hvmlab guests`).
+
+examples:
+  hvmlab run hello                      real-mode hello through the 0xE9 console
+  hvmlab run string_io --trace t.jsonl  one exit for a whole `rep outsb`; then
+  hvmlab trace summary t.jsonl          a perf-kvm-stat style table of the exits
+  hvmlab run cpuid --dump-vmcs 0        the VMCS at the first exit, by area
+  hvmlab run pass_through --pass-through 0x80 --json
+
+{STATUS_HELP}"""
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line and status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(status.BAD_INPUT, f"hvmlab: error: {message} (see '{self.prog} --help')\n")
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgKMG]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 16M, 64MiB, 1G or bytes")
+    value = int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    if value < 1 << 20 or value > 4 << 30 or value % 4096:
+        raise argparse.ArgumentTypeError(f"bad memory size {text!r}: 1 MiB to 4 GiB, a multiple of 4 KiB")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _nonneg_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a timeout cannot be negative")
+    return value
+
+
+def _ports(text: str) -> list[int]:
+    from .controls import parse_ports
+
+    try:
+        return parse_ports(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hvmlab", description=DESCRIPTION, epilog=STATUS_HELP,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run a guest and report every VM exit",
+                         description="Run a guest kernel to its end and report how it ended and every VM exit.",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("guest", metavar="GUEST", help=".asm, .bin, ELF, or a shipped guest's name")
+    run.add_argument("--mode", choices=["real", "protected", "long", "16", "32", "64"],
+                     help="CPU mode (default: from `bits` in .asm, the ELF class, or real for .bin)")
+    run.add_argument("--load", type=_int, metavar="ADDR",
+                     help="load address (default: `org` in .asm; 0x7C00 real, 0x100000 protected/long)")
+    run.add_argument("--mem", type=_size, default=16 << 20, metavar="SIZE", help="guest RAM (default 16M)")
+    run.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                     help="stop a guest still running after this long, status 6 (default 10; 0 = never)")
+    run.add_argument("--max-exits", type=_nonneg_int, metavar="N", help="stop after N exits, status 6")
+    run.add_argument("--pass-through", type=_ports, default=[], metavar="PORTS",
+                     help="ports whose I/O-bitmap bit is clear: accesses do not exit and are counted as "
+                          "direct_port_accesses (e.g. 0x80,0x3F8-0x3FF)")
+    run.add_argument("--no-io-bitmaps", action="store_true",
+                     help="clear 'use I/O bitmaps': then only --unconditional-io-exiting makes I/O exit")
+    run.add_argument("--unconditional-io-exiting", action="store_true",
+                     help="set 'unconditional I/O exiting' (used when I/O bitmaps are off)")
+    run.add_argument("--rdtsc-exiting", action="store_true", help="RDTSC exits (reason 16); virtual TSC")
+    run.add_argument("--trace", type=Path, metavar="FILE", help="write one JSON object per exit to FILE")
+    run.add_argument("--dump-vmcs", type=_nonneg_int, metavar="N",
+                     help="print the VMCS as it was at exit N (0 = first), by area")
+    run.add_argument("--json", action="store_true",
+                     help="print exactly one JSON object on stdout (the console is in it)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no summary line on stderr")
+
+    asm = sub.add_parser("asm", help="assemble a NASM-syntax guest to a flat binary",
+                         description="Assemble FILE.asm with hvmlab's NASM front end over keystone.",
+                         epilog=STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    asm.add_argument("source", metavar="FILE.asm")
+    asm.add_argument("-o", "--output", type=Path, metavar="FILE.bin",
+                     help="output file (default: FILE.bin beside the source)")
+
+    sub.add_parser("guests", help="list the shipped guests", description="List the guests shipped in guests/.")
+
+    demo = sub.add_parser("demo", help="a short tour: several guests, then a trace summary",
+                          description="Run a short tour of shipped guests and end with a trace summary.")
+    demo.add_argument("--out", type=Path, default=Path("hvmlab-demo"), metavar="DIR",
+                      help="where the demo writes its traces (default ./hvmlab-demo)")
+
+    trace = sub.add_parser("trace", help="summarize or export a trace written by --trace",
+                           description="Read a trace file written by `hvmlab run --trace`.")
+    tsub = trace.add_subparsers(dest="trace_command", metavar="ACTION", parser_class=_Parser)
+    summary = tsub.add_parser("summary", help="perf-kvm-stat style tables of exits and ports",
+                              description="Exits by reason (VM-EXIT, Samples, Samples%%, Time%%, Min, Max, "
+                                          "Avg) and I/O by port.")
+    summary.add_argument("file", type=Path, metavar="FILE")
+    summary.add_argument("--json", action="store_true", help="one JSON object instead of tables")
+    export = tsub.add_parser("export", help="convert to CSV or Perfetto/Chrome trace-event JSON",
+                             description="Convert a trace for spreadsheets (csv) or ui.perfetto.dev (perfetto).")
+    export.add_argument("file", type=Path, metavar="FILE")
+    export.add_argument("--format", choices=["csv", "perfetto"], required=True)
+    export.add_argument("-o", "--output", type=Path, metavar="OUT", help="output file (default stdout)")
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures (not tests)",
+                           description="Measure costs in one run and print each figure with its ratio "
+                                       "to a baseline measured in the same run.")
+    bench.add_argument("what", choices=["vmexit"], help="vmexit: exit costs vs a bare Unicorn hook")
+    bench.add_argument("--json", action="store_true", help="one JSON object")
+    bench.add_argument("--exits", type=_nonneg_int, default=200_000, metavar="N",
+                       help="exits per measurement (default 200000)")
+    bench.add_argument("--memory-exits", type=_nonneg_int, default=1_000_000, metavar="N",
+                       help="exits for the memory-growth check (default 1000000)")
+
+    abi = sub.add_parser("abi", help="sizes and offsets of the Xen structures hvmlab shares",
+                         description="Every shared structure's size and field offsets (Xen public headers).")
+    abi.add_argument("--json", action="store_true", help="one JSON object")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "asm":
+            return _asm(args)
+        if args.command == "guests":
+            return _guests()
+        if args.command == "demo":
+            from .demo import demo
+
+            return demo(args.out)
+        if args.command == "trace":
+            return _trace(args, parser)
+        if args.command == "bench":
+            from .bench import bench_vmexit
+
+            return bench_vmexit(args.exits, args.memory_exits, args.json)
+        if args.command == "abi":
+            return _abi(args)
+        parser.print_help()
+        return status.BAD_INPUT
+    except UsageError as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
+    except BrokenPipeError:
+        return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .console import ConsoleSink
+    from .loader import LoadError, load, parse_mode
+    from .machine import RunOptions, run
+
+    try:
+        image = load(args.guest, parse_mode(args.mode), args.load)
+        options = RunOptions(mem=args.mem, timeout_s=args.timeout or None, max_exits=args.max_exits,
+                             pass_through=args.pass_through, use_io_bitmaps=not args.no_io_bitmaps,
+                             unconditional_io_exiting=args.unconditional_io_exiting,
+                             rdtsc_exiting=args.rdtsc_exiting, trace=args.trace,
+                             dump_vmcs=args.dump_vmcs)
+        console = ConsoleSink(None if args.json else sys.stdout.buffer)
+        result = run(image, options, console)
+    except LoadError as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
+    except OSError as exc:
+        print(f"hvmlab: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return status.BAD_INPUT
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        if result.console and not result.console.endswith("\n"):
+            sys.stdout.write("\n")
+        if result.vmcs_dump is not None:
+            from .report import print_vmcs
+
+            print_vmcs(result.vmcs_dump)
+        elif args.dump_vmcs is not None:
+            print(f"hvmlab: the guest ended after {result.exits_total} exits; there was no exit "
+                  f"{args.dump_vmcs} to dump", file=sys.stderr)
+        sys.stdout.flush()
+    if not args.quiet:
+        exits = ", ".join(f"{name} {count}" for name, count in result.exits.items()) or "none"
+        print(f"hvmlab: {result.guest} ({result.mode} mode) ended by {result.ended_by}: {result.message}; "
+              f"status {result.exit_status}; {result.exits_total} exits ({exits}) in "
+              f"{result.wall_s * 1000:.1f} ms", file=sys.stderr)
+    return result.exit_status
+
+
+def _asm(args: argparse.Namespace) -> int:
+    from .nasm import AsmError, assemble_file
+
+    source = Path(args.source)
+    if not source.is_file():
+        raise UsageError(f"{source}: no such file")
+    try:
+        result = assemble_file(source)
+    except AsmError as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
+    output = args.output or source.with_suffix(".bin")
+    output.write_bytes(result.code)
+    print(f"hvmlab: {source.name}: {len(result.code)} bytes, {result.bits}-bit, "
+          f"org {result.org if result.org is not None else 0:#x} -> {output}", file=sys.stderr)
+    return 0
+
+
+def _guests() -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .loader import shipped_guests
+
+    table = Table(title="shipped guests (hvmlab run NAME)", show_lines=False)
+    table.add_column("name", style="bold")
+    table.add_column("what it shows")
+    for path in shipped_guests():
+        table.add_row(path.stem, describe(path))
+    Console().print(table)
+    return 0
+
+
+def describe(path: Path) -> str:
+    """The first sentence of a guest's header comment."""
+    lines = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith(";"):
+            break
+        lines.append(line.lstrip("; ").strip())
+    text = " ".join(lines)
+    text = re.sub(rf"^{re.escape(path.stem)}:\s*", "", text)
+    return text.split(". ")[0].rstrip(".") + "." if text else ""
+
+
+def _trace(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from rich.console import Console
+
+    from .trace_export import export_csv, export_perfetto
+    from .trace_summary import TraceError, read_trace, render_summary, summarize, summary_to_dict
+
+    if args.trace_command is None:
+        raise UsageError("trace needs an action: summary or export (see 'hvmlab trace --help')")
+    try:
+        if args.trace_command == "summary":
+            result = summarize(read_trace(args.file))
+            if args.json:
+                print(json.dumps(summary_to_dict(result)))
+            else:
+                render_summary(result, Console())
+            return 0
+        out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout  # noqa: SIM115
+        try:
+            exporter = export_csv if args.format == "csv" else export_perfetto
+            rows = exporter(read_trace(args.file), out)
+        finally:
+            if args.output:
+                out.close()
+        if args.output:
+            print(f"hvmlab: wrote {rows} exits to {args.output}", file=sys.stderr)
+        return 0
+    except TraceError as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
+
+
+def _abi(args: argparse.Namespace) -> int:
+    from .abi import abi_facts
+
+    facts = abi_facts()
+    if args.json:
+        print(json.dumps(facts))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="shared structures (Xen public headers)")
+    for col in ("structure", "size", "fields (offset)"):
+        table.add_column(col)
+    for name, info in facts.items():
+        fields = ", ".join(f"{f}@{o}" for f, o in info.get("fields", {}).items())
+        table.add_row(name, str(info["size"]), fields)
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
