@@ -49,6 +49,8 @@ class KeystoneWorker:
         self.argv = list(argv) if argv is not None else [sys.executable, "-u", __file__]
         self.proc: subprocess.Popen[bytes] | None = None
         self.round_trips = 0   # batches sent, for callers that check how chatty they are
+        # (bits, text) -> answer; keystone is deterministic, so answers are kept for reuse.
+        self.cache: dict[tuple[int, str], KsResult] = {}
         self._buf = b""
         self._lock = threading.Lock()
 

@@ -136,6 +136,7 @@ DESCRIPTOR_TABLE_OPS = {"lgdt", "lidt", "sgdt", "sidt"}
 # Values put in keystone text where NASM forces a full-width field, found and replaced after.
 DISP_SENTINEL = {16: 0x7A5B, 32: 0x7A5B3C2D}
 IMM_SENTINEL = {16: 0x6C4D, 32: 0x6C4D5E1F}
+RIP_GUESS = 7  # length assumed for a RIP-relative instruction until a pass has measured it
 
 
 class InsnError(Exception):
@@ -266,6 +267,10 @@ def ea_text(op: Operand, ctx: Ctx, patches: list[Patch]) -> tuple[str, bool]:
         if len(regs) == 1 and regs[0][1] in (2, 3, 5, 9):
             r, k = regs[0]
             regs = [(r, 1), (r, k - 1)] if k != 2 else [(r, 1), (r, 1)]
+    if ctx.bits == 16 and asize == 32 and regs and all(k != 1 for _, k in regs):
+        # Keystone 0.9.2 drops the index register here (measured); refuse rather than miscode.
+        raise InsnError("an index-only 32-bit address ([reg*scale]) is not supported in "
+                        "16-bit code; add a base register")
     for r, k in regs:
         if k not in (1, 2, 4, 8):
             raise ExprError(f"invalid scale {k} for register '{r}'")
@@ -276,12 +281,12 @@ def ea_text(op: Operand, ctx: Ctx, patches: list[Patch]) -> tuple[str, bool]:
                                              and op.segment not in ("fs", "gs"))
         rel = wants_rel and (v.reloc == 1 or v.unknown)
     if rel:
-        length = ctx.assumed_len if ctx.assumed_len > 0 else 7
+        length = ctx.assumed_len if ctx.assumed_len > 0 else RIP_GUESS
         disp = signed(v.n - (ctx.addr + length), 32)
         return "[" + " ".join(words + [f"rip+{hexnum(disp)}"]) + "]", True
     if regs:
         disp = signed(v.n, 16 if asize == 16 else 32)
-        if not v.simple and fits8(disp):
+        if (v.reloc or v.unknown) and fits8(disp):
             # NASM never uses disp8 for an address: full-width field, patched after keystone.
             width = 16 if asize == 16 else 32
             patches.append(Patch(le(DISP_SENTINEL[width], width // 8), le(disp, width // 8)))
@@ -542,10 +547,10 @@ def encode(prefixes: Sequence[str], mnem: str, operand_toks: Sequence[Sequence[T
     # form for addresses.
     if mnem == "mov" and bits == 64 and len(ops) == 2 and ops[0].kind == "reg" \
             and GPR.get(ops[0].reg, (0, 0))[0] == 64 and ops[1].kind == "imm" \
-            and not ops[1].words:
+            and set(ops[1].words) <= {"qword", "strict"}:
         v = ops[1].value
         num = GPR[ops[0].reg][1]
-        if not v.simple:
+        if not v.simple or "strict" in ops[1].words:
             return own(Plan(data=bytes([0x48 | (num >> 3), 0xB8 + (num & 7)]) + le(v.n, 8)))
         if 0 <= v.n <= 0xFFFFFFFF:
             r32 = f"r{num}d" if num >= 8 else GPR32[num]
@@ -564,6 +569,9 @@ def encode(prefixes: Sequence[str], mnem: str, operand_toks: Sequence[Sequence[T
             size = first_size if op is not ops[0] else 0
             if size in (8, 16, 32) and not -(1 << (size - 1)) <= n < (1 << size):
                 n &= (1 << size) - 1     # NASM warns and keeps the low bits
+            elif size == 64 and not -(1 << 31) <= n < (1 << 31) \
+                    and not (mnem == "mov" and ops[0].kind == "reg"):
+                n = signed(n, 32)        # imm32 sign-extended: NASM warns and keeps 32 bits
             if mnem in SBYTE_OPS and size in (16, 32, 64) and not op.value.simple:
                 n = signed(n, 16 if size == 16 else 32)
                 if fits8(n):
@@ -602,7 +610,6 @@ def encode(prefixes: Sequence[str], mnem: str, operand_toks: Sequence[Sequence[T
             data = _order_66_67(data)
         return snapshot + data
 
-    ks_text = text
-    if far_mem:
-        ks_text = text  # keystone gets the near form; finish() makes it far
-    return Plan(text=ks_text, finish=finish, assumed_len=ctx.assumed_len if is_rel else -1)
+    # Keystone gets the near form of a far indirect jump; finish() makes it far.
+    rel_len = (ctx.assumed_len if ctx.assumed_len > 0 else RIP_GUESS) if is_rel else -1
+    return Plan(text=text, finish=finish, assumed_len=rel_len)

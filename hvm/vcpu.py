@@ -74,6 +74,7 @@ class Vcpu:
         self._pc = engine.pc_reader()
         self._ram = memory.ram
         self._io_handler = hypervisor.exit_table()[R.IO_INSTRUCTION]
+        self._record_exit = self.vmcs.record_exit
         self._pc_reg = Reg.RIP if self.bits == 64 else Reg.EIP
         self._disasm = Disassembler(self.bits)
         self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str]] = {}
@@ -192,39 +193,61 @@ class Vcpu:
         self._io_cache[pc] = entry
         return entry
 
+    def out_hook(self, _uc: object, port: int, size: int, value: int, _ud: object) -> None:
+        """Unicorn's OUT hook itself (raw C signature): the hot path of every port write, kept
+        flat on purpose. It guards itself so no exception can escape into C."""
+        try:
+            if self._ending is not None:
+                return
+            pc = self._pc()
+            string = self._string
+            if string is not None and string[0] == pc:
+                self._string_step()
+                return
+            hit = self._io_cache.get(pc)
+            if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
+                hit = self._io_decode(pc)
+            io = hit[1]
+            exits = self._io_exit_cache.get(port | size << 16)
+            if exits is None:
+                exits = self._io_exits(port, size)
+            if not exits:
+                self.direct_port_accesses += 1
+                self.hv.io_direct(self, port, size, False, value)
+                return
+            if io.string:
+                self._string_exit(pc, port, size, io, hit[2], hit[3], None)
+                return
+            # The VM exit: what _record does, inlined (this is the most frequent exit there is).
+            x = self.exit
+            qualification = hit[2] | (port << 16)
+            tracer = self.tracer
+            if tracer is not None:
+                x.t_ns = time.perf_counter_ns() - self._t0
+            x.seq = self.exits
+            x.reason = 30
+            x.qualification = qualification
+            x.length = io.length
+            x.rip = pc
+            x.handled_by = "hypervisor"
+            x.extra = None
+            self._record_exit(30, qualification, io.length)
+            self.exits += 1
+            self._by_reason[30] += 1
+            x.port = port
+            x.size = size
+            x.direction_in = x.string = x.rep = False
+            x.count = 1
+            x.data = value
+            x.insn_json = hit[3]
+            self._io_handler(self, x)
+            if tracer is not None or self.dump_at is not None or self.max_exits is not None:
+                self._finish(x, (port, size, "out", False, False, 1, value))
+        except BaseException as exc:  # noqa: BLE001 - never let an exception unwind into Unicorn
+            self.engine.fail(exc)
+
     def on_out(self, port: int, size: int, value: int) -> None:
-        """OUT/OUTS: the hot path of every port write, kept short on purpose."""
-        if self._ending is not None:
-            return
-        pc = self._pc()
-        string = self._string
-        if string is not None and string[0] == pc:
-            self._string_step()
-            return
-        hit = self._io_cache.get(pc)
-        if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
-            hit = self._io_decode(pc)
-        code, io, qual_base, insn_json = hit
-        exits = self._io_exit_cache.get(port | size << 16)
-        if exits is None:
-            exits = self._io_exits(port, size)
-        if not exits:
-            self.direct_port_accesses += 1
-            self.hv.io_direct(self, port, size, False, value)
-            return
-        if io.string:
-            self._string_exit(pc, port, size, io, qual_base, insn_json, None)
-            return
-        x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
-        x.port = port
-        x.size = size
-        x.direction_in = x.string = x.rep = False
-        x.count = 1
-        x.data = value
-        x.insn_json = insn_json
-        self._io_handler(self, x)
-        if self.tracer is not None or self.dump_at is not None or self.max_exits is not None:
-            self._finish(x, (port, size, "out", False, False, 1, value))
+        self.out_hook(None, port, size, value, None)
 
     def on_in(self, port: int, size: int) -> int:
         if self._ending is not None:
@@ -270,7 +293,8 @@ class Vcpu:
         x.port, x.size, x.direction_in, x.string, x.rep = port, size, io.direction_in, True, io.rep
         x.count, x.data, x.linear, x.df = count, None, linear, df
         x.insn_json = insn_json
-        values = self.hv.handle_exit(self, x)
+        values = self._io_handler(self, x)
+        x.extra = {"linear_address": linear, "df": df}
         in_values = list(values) if io.direction_in and values is not None else None  # type: ignore[call-overload]
         if count > 1:
             self._string = (pc, count - 1, in_values[1:] if in_values is not None else None)

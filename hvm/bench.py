@@ -1,0 +1,160 @@
+"""`hvmlab bench vmexit`: what an exit costs here, against a bare Unicorn hook measured in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .console import ConsoleSink
+from .engine import bare_out_hook_loop, bare_run
+from .loader import GuestImage, Segment
+from .machine import RunOptions, run
+from .nasm import assemble_text
+
+REPEATS = 3
+
+OUT_LOOP = """bits 32
+org 0x100000
+    cli
+    mov ecx, {n}
+    mov dx, 0xe9
+.l: out dx, al
+    dec ecx
+    jnz .l
+    hlt
+"""
+CPUID_LOOP = """bits 32
+org 0x100000
+    cli
+    mov esi, {n}
+.l: xor eax, eax
+    cpuid
+    dec esi
+    jnz .l
+    hlt
+"""
+COMPUTE_LOOP = """bits 32
+org 0x100000
+    cli
+    mov ecx, {n}
+    xor eax, eax
+.l: add eax, ecx
+    xor eax, 0x5a5a
+    dec ecx
+    jnz .l
+    hlt
+"""
+
+
+def _image(source: str, n: int) -> GuestImage:
+    asm = assemble_text(source.format(n=n), name="bench.asm")
+    return GuestImage("bench", "asm", 32, 0x100000, (Segment(0x100000, asm.code, len(asm.code)),))
+
+
+def _timed_run(source: str, n: int, trace: Path | None = None) -> float:
+    image = _image(source, n)
+    start = time.perf_counter()
+    result = run(image, RunOptions(timeout_s=600, trace=trace), ConsoleSink(limit=0))
+    elapsed = time.perf_counter() - start
+    if result.ended_by != "halt":
+        raise RuntimeError(f"benchmark guest ended by {result.ended_by}: {result.message}")
+    return elapsed
+
+
+def _per_item(measure: Callable[[int], float], n: int) -> tuple[float, float, float]:
+    """Seconds per item from the difference of runs with 2n and n items (fixed costs cancel);
+    median, min and max over REPEATS."""
+    values = []
+    for _ in range(REPEATS):
+        values.append((measure(2 * n) - measure(n)) / n)
+    return statistics.median(values), min(values), max(values)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def bench_vmexit(exits: int, memory_exits: int, as_json: bool) -> int:
+    n = max(1000, exits)
+    console = Console(stderr=True)
+    figures: dict[str, dict[str, float]] = {}
+
+    def record(key: str, label: str, triple: tuple[float, float, float], unit: str = "us") -> None:
+        med, lo, hi = triple
+        scale = 1e6 if unit == "us" else 1e9
+        figures[key] = {"label": label, "median": med * scale, "min": lo * scale, "max": hi * scale,
+                        "unit": unit}  # type: ignore[dict-item]
+
+    with console.status("bare Unicorn OUT hook (baseline)"):
+        code = _image(OUT_LOOP, 1).segments[0].data
+        record("bare_hook", "bare Unicorn OUT hook (Python binding), the baseline",
+               _per_item(lambda k: bare_out_hook_loop(_image(OUT_LOOP, k).segments[0].data), n))
+    del code
+    with console.status("exit handled in the hypervisor (0xE9 out)"):
+        record("hv_exit", "IO_INSTRUCTION exit handled in the hypervisor (out dx, al to 0xE9)",
+               _per_item(lambda k: _timed_run(OUT_LOOP, k), n))
+    with console.status("CPUID exit"):
+        record("cpuid_exit", "CPUID exit", _per_item(lambda k: _timed_run(CPUID_LOOP, k), n))
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "bench.trace"
+        with console.status("exit with --trace"):
+            record("hv_exit_traced", "the same exit with --trace on",
+                   _per_item(lambda k: _timed_run(OUT_LOOP, k, trace), n))
+    loops = 20 * n
+    with console.status("guest code without exits"):
+        record("guest_loop", "guest loop iteration, no exits (hvmlab)",
+               _per_item(lambda k: _timed_run(COMPUTE_LOOP, k), loops), "ns")
+        record("bare_loop", "the same loop on bare Unicorn, no hooks",
+               _per_item(lambda k: bare_run(_image(COMPUTE_LOOP, k).segments[0].data), loops), "ns")
+    with console.status(f"memory over {memory_exits:,} exits"):
+        _timed_run(OUT_LOOP, 100_000)
+        before = _rss_bytes()
+        _timed_run(OUT_LOOP, memory_exits)
+        after = _rss_bytes()
+    base = figures["bare_hook"]["median"]
+    ratios = {
+        "hv_exit_vs_bare_hook": figures["hv_exit"]["median"] / base,
+        "cpuid_exit_vs_bare_hook": figures["cpuid_exit"]["median"] / base,
+        "trace_on_vs_off": figures["hv_exit_traced"]["median"] / figures["hv_exit"]["median"],
+        "guest_code_speed_vs_bare_unicorn": figures["bare_loop"]["median"] / figures["guest_loop"]["median"],
+    }
+    memory = {"rss_before": before, "rss_after": after, "exits": memory_exits,
+              "growth_bytes_per_exit": (after - before) / memory_exits}
+    targets = {"hv_exit_vs_bare_hook": ("<=", 5.0), "trace_on_vs_off": ("<=", 1.2),
+               "guest_code_speed_vs_bare_unicorn": (">=", 0.9)}
+    if as_json:
+        print(json.dumps({"figures": figures, "ratios": ratios, "memory": memory,
+                          "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()},
+                          "repeats": REPEATS, "exits_per_measurement": n}))
+        return 0
+    out = Console()
+    table = Table(title=f"hvmlab bench vmexit (median of {REPEATS}, {n:,} exits per measurement)")
+    for col in ("figure", "median", "min", "max", "x baseline"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for key, fig in figures.items():
+        ratio = ""
+        if fig["unit"] == "us":
+            ratio = f"{fig['median'] / base:.2f}x"
+        table.add_row(str(fig["label"]), f"{fig['median']:.3f} {fig['unit']}", f"{fig['min']:.3f}",
+                      f"{fig['max']:.3f}", ratio)
+    out.print(table)
+    for key, value in ratios.items():
+        target = targets.get(key)
+        verdict = ""
+        if target:
+            op, limit = target
+            ok = value <= limit if op == "<=" else value >= limit
+            verdict = f"  (target {op} {limit}: {'met' if ok else 'NOT met'})"
+        out.print(f"{key}: {value:.2f}{verdict}")
+    out.print(f"memory: RSS {before / 2**20:.1f} MiB after 100,000 exits, {after / 2**20:.1f} MiB after "
+              f"another {memory_exits:,}: {memory['growth_bytes_per_exit']:.4f} bytes per exit")
+    return 0
