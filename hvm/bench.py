@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -86,13 +87,13 @@ def _rss_bytes() -> int:
 def bench_vmexit(exits: int, memory_exits: int, as_json: bool) -> int:
     n = max(1000, exits)
     console = Console(stderr=True)
-    figures: dict[str, dict[str, float]] = {}
+    figures: dict[str, dict[str, Any]] = {}
 
     def record(key: str, label: str, triple: tuple[float, float, float], unit: str = "us") -> None:
         med, lo, hi = triple
         scale = 1e6 if unit == "us" else 1e9
         figures[key] = {"label": label, "median": med * scale, "min": lo * scale, "max": hi * scale,
-                        "unit": unit}  # type: ignore[dict-item]
+                        "unit": unit}
 
     with console.status("bare Unicorn OUT hook (baseline)"):
         code = _image(OUT_LOOP, 1).segments[0].data
@@ -140,7 +141,7 @@ def bench_vmexit(exits: int, memory_exits: int, as_json: bool) -> int:
     table = Table(title=f"hvmlab bench vmexit (median of {REPEATS}, {n:,} exits per measurement)")
     for col in ("figure", "median", "min", "max", "x baseline"):
         table.add_column(col, justify="left" if col == "figure" else "right")
-    for key, fig in figures.items():
+    for fig in figures.values():
         ratio = ""
         if fig["unit"] == "us":
             ratio = f"{fig['median'] / base:.2f}x"

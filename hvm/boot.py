@@ -66,6 +66,7 @@ def boot(engine: Engine, memory: GuestMemory, bits: int, entry: int) -> BootStat
         stack = real_mode_stack(entry)
         engine.set_reg(Reg.ESP, stack)
         engine.set_reg(Reg.EFLAGS, 0x2)
+        engine.set_reg(Reg.EIP, entry - (cs << 4))
         return BootState(16, entry, stack)
     gdt_base, gdt_limit = build_gdt(memory)
     engine.set_table("gdtr", gdt_base, gdt_limit)
@@ -83,4 +84,5 @@ def boot(engine: Engine, memory: GuestMemory, bits: int, entry: int) -> BootStat
         engine.set_segment(seg, SEL_DATA)
     engine.set_reg(Reg.RSP if bits == 64 else Reg.ESP, PROTECTED_STACK)
     engine.set_reg(Reg.EFLAGS, 0x2)
+    engine.set_reg(Reg.RIP if bits == 64 else Reg.EIP, entry)
     return BootState(bits, entry, PROTECTED_STACK)

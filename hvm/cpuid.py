@@ -18,12 +18,12 @@ class CpuModel:
     """The leaves of one model; leaves not listed behave as Intel documents for out-of-range leaves."""
 
     name: str
-    leaves: dict[tuple[int, int], tuple[int, int, int, int]] = field(default_factory=dict)
+    leaves: dict[tuple[int, int], tuple[int, ...]] = field(default_factory=dict)
     max_basic: int = 0
     max_extended: int = 0x8000_0000
     xen_version: tuple[int, int] = (4, 17)
 
-    def query(self, leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    def query(self, leaf: int, subleaf: int = 0) -> tuple[int, ...]:
         """EAX, EBX, ECX, EDX for CPUID(leaf, subleaf)."""
         if HYPERVISOR_BASE <= leaf <= HYPERVISOR_BASE + 0xFF:
             return self._hypervisor(leaf - HYPERVISOR_BASE)
@@ -36,7 +36,7 @@ class CpuModel:
             leaf = self.max_basic
         return self.leaves.get((leaf, subleaf), self.leaves.get((leaf, 0), (0, 0, 0, 0)))
 
-    def _hypervisor(self, index: int) -> tuple[int, int, int, int]:
+    def _hypervisor(self, index: int) -> tuple[int, ...]:
         ebx, ecx, edx = _regs(XEN_CPUID_SIGNATURE)
         major, minor = self.xen_version
         if index == 0:
@@ -57,7 +57,7 @@ def hvmlab_cpu() -> CpuModel:
         1 << 0, 1 << 4, 1 << 5, 1 << 6, 1 << 8, 1 << 11, 1 << 13, 1 << 15, 1 << 16, 1 << 19,
         1 << 23, 1 << 24, 1 << 25, 1 << 26)
     sse3, cx16, hypervisor = 1 << 0, 1 << 13, 1 << 31
-    leaves = {
+    leaves: dict[tuple[int, int], tuple[int, ...]] = {
         (0, 0): (0xD, vendor[0], vendor[2], vendor[1]),  # max basic leaf, "Genu" "ntel" "ineI"
         # family 6, model 0x3A (Ivy Bridge), stepping 9; CLFLUSH line 8*8 bytes, 1 logical CPU
         (1, 0): (0x000306A9, 0x00010800, sse3 | cx16 | hypervisor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.panel import Panel
@@ -14,7 +15,7 @@ from .machine import RunOptions, RunResult, run
 from .qualification import decode_io
 from .trace_summary import read_trace, render_summary, summarize
 
-TOUR = (
+TOUR: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("hello", {}, "Real mode at 0000:7C00: every `out dx, al` to the 0xE9 console is an "
                   "IO_INSTRUCTION exit; `out 0xF4, al` ends the run with status (0<<1)|1."),
     ("string_io", {}, "Protected mode: one `rep outsb` is ONE exit for the whole line "

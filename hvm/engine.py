@@ -11,7 +11,11 @@ from typing import Protocol
 
 import unicorn
 from unicorn import x86_const as X
-from unicorn.unicorn_py3.arch.intel import HOOK_INSN_CPUID_CFUNC, HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
+from unicorn.unicorn_py3.arch.intel import (
+    HOOK_INSN_CPUID_CFUNC,
+    HOOK_INSN_IN_CFUNC,
+    HOOK_INSN_OUT_CFUNC,
+)
 from unicorn.unicorn_py3.unicorn import (
     HOOK_INSN_INVALID_CFUNC,
     HOOK_INTR_CFUNC,
@@ -341,10 +345,7 @@ class Engine:
         uclib.uc_emu_stop(self._h)
 
     def close(self) -> None:
-        try:
-            self.uc.release_handle()
-        except Exception:  # noqa: BLE001 - closing twice is harmless
-            pass
+        self._memory._listeners = [cb for cb in self._memory._listeners if cb != self._remap]
         self._callbacks.clear()
 
 

@@ -105,7 +105,7 @@ class Hypervisor:
             base, device, _name = hit  # type: ignore[misc]
             if x.direction_in:
                 return device.read(x.port - base, x.size)
-            device.write(x.port - base, x.size, x.data)
+            device.write(x.port - base, x.size, x.data or 0)
             return 0
         value, x.handled_by = self._pio(x.port, x.size, x.direction_in, x.data or 0)
         return value

@@ -93,7 +93,7 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
             boot(engine, memory, image.bits, image.entry)
             holder["vcpu"] = vcpu
             ready.set()
-            holder["ending"] = vcpu.run(image.entry, hv.wait_for_interrupt)
+            holder["ending"] = vcpu.run(hv.wait_for_interrupt)
         except BaseException as exc:  # noqa: BLE001 - reported as an internal failure, one line
             holder["ending"] = GuestEnded("error", INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             holder["exception"] = exc

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from hvm.nasm_insn import (
 from hvm.nasm_pre import PreprocessError, Preprocessor, SourceLine, read_source
 
 MAX_PASSES = 32
+_MNEMONIC_SHAPE = re.compile(r"[a-z][a-z0-9]{1,15}")
 GUESSED_LENGTH = 3  # an instruction keystone has not encoded yet: a guess, corrected next pass
 
 DATA_SIZES = {"db": 1, "dw": 2, "dd": 4, "dq": 8}
@@ -118,10 +120,12 @@ def expression_end(toks: Sequence[Tok], start: int) -> int:
 
 class Parser:
     def __init__(self, include_dirs: Sequence[Path],
-                 is_instruction: Callable[[str, SourceLine], bool]) -> None:
+                 is_instruction: Callable[[str, SourceLine], bool],
+                 is_mnemonic: Callable[[str, SourceLine], bool]) -> None:
         self.scope = ""
         self.include_dirs = include_dirs
         self.is_instruction = is_instruction
+        self.is_mnemonic = is_mnemonic
         self.stmts: list[Stmt] = []
 
     def full_name(self, name: str) -> str:
@@ -148,7 +152,7 @@ class Parser:
             if len(toks) == 1 and (first.value or not self.is_instruction(first.text, src)):
                 # A word alone: NASM takes it for a label unless it is an instruction.
                 label, toks = first.text, []
-            if first.value or (toks[1].kind == "id" and toks[1].text.lower() in KNOWN_WORDS):
+            elif first.value or (toks[1].kind == "id" and toks[1].text.lower() in KNOWN_WORDS):
                 label, toks = first.text, toks[1:]
         if label:
             if label.lower() in REGISTERS and not first.value:
@@ -225,6 +229,9 @@ class Parser:
                 raise _err(src, f"section '{name}' is not supported: flat binaries "
                                 "have one section (.text)")
             st.kind = "nothing"
+            for i, t in enumerate(rest[:-2]):
+                if t.kind == "id" and t.text.lower() == "align" and _is_op(rest[i + 1], "="):
+                    st.kind, st.args = "sectalign", [rest[i + 2:i + 3]]
         elif word in ("align", "alignb"):
             st.kind = "align"
             if not rest:
@@ -256,6 +263,8 @@ class Parser:
             st.kind = "incbin"
             st.blob = self.incbin(src, rest)
         else:
+            if word not in KNOWN_MNEMONICS and not self.is_mnemonic(word, src):
+                raise _err(src, f"unknown directive '{word}'")
             st.kind = "insn"
         return st
 
@@ -263,7 +272,8 @@ class Parser:
         if not rest or rest[0].kind != "str":
             raise _err(src, "'incbin' needs a quoted file name")
         name = rest[0].data.decode("utf-8", errors="surrogateescape")
-        for d in list(self.include_dirs) + [Path(guests.__file__).parent]:
+        dirs = ([src.directory] if src.directory is not None else []) + list(self.include_dirs)
+        for d in dirs + [_guests_dir()]:
             path = Path(d) / name
             if path.is_file():
                 data = path.read_bytes()
@@ -329,9 +339,20 @@ class Assembler:
 
     def is_instruction(self, word: str, src: SourceLine) -> bool:
         """Whether keystone encodes this lone word (else NASM would take it for a label)."""
+        if not _MNEMONIC_SHAPE.fullmatch(word.lower()):
+            return False   # only plain words reach keystone (".x" would be an LLVM directive)
         key = (32, word.lower())
         self.keystone({key: src})
         return self.cache[key].data is not None
+
+    def is_mnemonic(self, word: str, src: SourceLine) -> bool:
+        """Whether keystone knows this word as a mnemonic (with operands or without)."""
+        if not _MNEMONIC_SHAPE.fullmatch(word.lower()):
+            return False
+        key = (32, word.lower())
+        self.keystone({key: src})
+        result = self.cache[key]
+        return result.data is not None or "MNEMONICFAIL" not in result.error
 
     def run(self) -> Assembly:
         prev = PassResult()
@@ -356,6 +377,8 @@ class Assembler:
                     lines=cur.lines)
             if settled and cur.unknown_use is not None:
                 src, name = cur.unknown_use
+                if name not in self.defined:
+                    raise _err(src, f"undefined symbol '{name}'")
                 raise _err(src, f"symbol '{name}' cannot be resolved (circular definition?)")
             prev = cur
         src = prev.unsettled or (self.stmts[0].src if self.stmts else SourceLine(self.main, 1, ""))
@@ -561,7 +584,7 @@ def _assemble(text: str, name: str, directory: Path | None, include_dirs: Sequen
     except PreprocessError as e:
         raise AsmError(e.file, e.line, e.message) from None
     assembler = Assembler([], worker or default_worker(), name)
-    parser = Parser(dirs, assembler.is_instruction)
+    parser = Parser(dirs, assembler.is_instruction, assembler.is_mnemonic)
     for src in pre.out:
         parser.parse(src)
     assembler.stmts = parser.stmts

@@ -118,7 +118,8 @@ for _stem, _op in STRING_BASE.items():
     STRING_OPS[_stem + "b"] = (8, _op)
     STRING_OPS[_stem + "w"] = (16, _op + 1)
     STRING_OPS[_stem + "d"] = (32, _op + 1)
-    STRING_OPS[_stem + "q"] = (64, _op + 1)
+    if _stem not in ("ins", "outs"):
+        STRING_OPS[_stem + "q"] = (64, _op + 1)
 
 CONDITIONS = {"o": 0, "no": 1, "b": 2, "c": 2, "nae": 2, "nb": 3, "nc": 3, "ae": 3, "e": 4,
               "z": 4, "ne": 5, "nz": 5, "be": 6, "na": 6, "nbe": 7, "a": 7, "s": 8, "ns": 9,
@@ -267,6 +268,11 @@ def ea_text(op: Operand, ctx: Ctx, patches: list[Patch]) -> tuple[str, bool]:
         if len(regs) == 1 and regs[0][1] in (2, 3, 5, 9):
             r, k = regs[0]
             regs = [(r, 1), (r, k - 1)] if k != 2 else [(r, 1), (r, 1)]
+    if asize == 16:
+        names = sorted(r for r, _ in regs)
+        if any(k != 1 for _, k in regs) or any(r not in ("bx", "bp", "si", "di") for r in names) \
+                or len(names) > 2 or names in (["bp", "bx"], ["di", "si"]):
+            raise ExprError("invalid 16-bit effective address: use bx or bp, plus si or di")
     if ctx.bits == 16 and asize == 32 and regs and all(k != 1 for _, k in regs):
         # Keystone 0.9.2 drops the index register here (measured); refuse rather than miscode.
         raise InsnError("an index-only 32-bit address ([reg*scale]) is not supported in "

@@ -18,6 +18,7 @@ class SourceLine:
     file: str          # the file's name as messages show it
     line: int          # 1-based line number in that file
     text: str          # macros expanded, comment removed
+    directory: Path | None = None   # where the file is (incbin looks there first)
 
 
 class PreprocessError(Exception):
@@ -259,7 +260,7 @@ class Preprocessor:
                 expanded = self.expand(code)
             except ExprError as e:
                 raise fail(str(e)) from None
-            self.out.append(SourceLine(name, number, expanded))
+            self.out.append(SourceLine(name, number, expanded, directory))
         if conds:
             raise PreprocessError(name, len(lines), "'%if' without '%endif'")
 

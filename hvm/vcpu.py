@@ -160,7 +160,7 @@ class Vcpu:
         self._by_reason[reason] += 1
         return x
 
-    def _finish(self, x: ExitInfo, io: tuple | None) -> None:
+    def _finish(self, x: ExitInfo, io: tuple | None, check_limit: bool = True) -> None:
         """After the handler: trace, VMCS dump, and the --max-exits limit."""
         if self.tracer is not None:
             latency = time.perf_counter_ns() - self._t0 - x.t_ns
@@ -168,7 +168,7 @@ class Vcpu:
                              x.handled_by, latency, io, x.extra))
         if self.dump_at is not None and x.seq == self.dump_at:
             self.dump = {"exit": x.seq, "reason": R.name(x.reason), "vmcs": self._vmcs_views()}
-        if self.max_exits is not None and self.exits >= self.max_exits:
+        if check_limit and self.max_exits is not None and self.exits >= self.max_exits:
             raise GuestEnded("max_exits", LIMIT, f"stopped after {self.exits} exits (--max-exits)")
 
     def _vmcs_views(self) -> list:
@@ -240,7 +240,11 @@ class Vcpu:
             x.count = 1
             x.data = value
             x.insn_json = hit[3]
-            self._io_handler(self, x)
+            try:
+                self._io_handler(self, x)
+            except GuestEnded:
+                self._finish(x, (port, size, "out", False, False, 1, value), check_limit=False)
+                raise
             if tracer is not None or self.dump_at is not None or self.max_exits is not None:
                 self._finish(x, (port, size, "out", False, False, 1, value))
         except BaseException as exc:  # noqa: BLE001 - never let an exception unwind into Unicorn
@@ -269,7 +273,11 @@ class Vcpu:
         x = self._record(R.IO_INSTRUCTION, qual_base | (port << 16), io.length, pc)
         x.port, x.size, x.direction_in, x.string, x.rep, x.count, x.data = port, size, True, False, False, 1, None
         x.insn_json = insn_json
-        value = (self._io_handler(self, x) or 0) & mask
+        try:
+            value = (self._io_handler(self, x) or 0) & mask
+        except GuestEnded:
+            self._finish(x, (port, size, "in", False, False, 1, None), check_limit=False)
+            raise
         x.data = value
         if self.tracer is not None or self.dump_at is not None or self.max_exits is not None:
             self._finish(x, (port, size, "in", False, False, 1, value))
@@ -311,6 +319,15 @@ class Vcpu:
         self._string = (pc, left - 1, values) if left > 1 else None
         return value
 
+    def _handle(self, x: ExitInfo) -> None:
+        """Dispatch an exit from inside a hook; an ending is still traced before it propagates."""
+        try:
+            self.hv.handle_exit(self, x)
+        except GuestEnded:
+            self._finish(x, None, check_limit=False)
+            raise
+        self._finish(x, None)
+
     # -- other instructions that exit ------------------------------------------------------------
     def on_cpuid(self) -> None:
         if self._ending is not None:
@@ -318,8 +335,7 @@ class Vcpu:
         pc = self.linear_pc()
         x = self._record(R.CPUID, 0, 2, pc)
         x.insn_json = self._insn_json(pc)
-        self.hv.handle_exit(self, x)
-        self._finish(x, None)
+        self._handle(x)
 
     def on_rdtsc(self) -> None:
         if self._ending is not None:
@@ -327,8 +343,7 @@ class Vcpu:
         pc = self.linear_pc()
         x = self._record(R.RDTSC, 0, 2, pc)
         x.insn_json = self._insn_json(pc)
-        self.hv.handle_exit(self, x)
-        self._finish(x, None)
+        self._handle(x)
 
     def on_invalid_insn(self) -> bool:
         """VMCALL (0F 01 C1) exits to the hypervisor; any other invalid opcode is #UD."""
@@ -338,8 +353,7 @@ class Vcpu:
         if self.memory.contains(pc, 3) and self.memory.read(pc, 3) == b"\x0f\x01\xc1":
             x = self._record(R.VMCALL, 0, 3, pc)
             x.insn_json = self._insn_json(pc)
-            self.hv.handle_exit(self, x)
-            self._finish(x, None)
+            self._handle(x)
             self.engine.set_reg(self._pc_reg, self.engine.reg(self._pc_reg) + 3)  # VM entry skips it
             return True
         self._event = ("exception", 6, pc)
@@ -365,10 +379,7 @@ class Vcpu:
                          linear=address, gpa=address)
         x.gpa, x.write, x.fetch, x.size, x.data = address, write, fetch, size, value if write else None
         x.insn_json = self._insn_json(pc) if not fetch else '""'
-        try:
-            self.hv.handle_exit(self, x)
-        finally:
-            self._finish(x, None)
+        self._handle(x)
         return False
 
     def on_hook_exception(self, exc: BaseException) -> None:
@@ -386,26 +397,25 @@ class Vcpu:
         self.engine.stop()
 
     # -- the run loop ----------------------------------------------------------------------------
-    def run(self, entry_linear: int, wait_for_interrupt: Callable[[Vcpu], bool]) -> GuestEnded:
+    def run(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> GuestEnded:
         """Run until the guest ends; returns how it ended. `wait_for_interrupt` blocks a halted
         vCPU (HLT with IF=1) until there is something to do; False if it should stop waiting."""
-        pc = entry_linear
         while True:
             try:
-                pc = self._run_once(pc, wait_for_interrupt)
+                self._run_once(wait_for_interrupt)
             except GuestEnded as ending:
                 self._ending = ending
             if self._ending is not None:
                 return self._ending
 
-    def _run_once(self, pc: int, wait_for_interrupt: Callable[[Vcpu], bool]) -> int:
+    def _run_once(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> None:
         """VM entry, guest execution until the next stop, and the exit that stop means."""
         self._vm_entry()
         if self._kicked.is_set():
             self._external_interrupt()
-            return self.linear_pc()
+            return
         self.vmcs.guest_stale()
-        stop = self.engine.run(pc)
+        stop = self.engine.run(self.linear_pc())  # emu_start sets RIP from `begin`: the current one
         exc = stop.hook_exception
         if exc is not None:
             if isinstance(exc, GuestEnded):
@@ -420,7 +430,6 @@ class Vcpu:
             self._halted(wait_for_interrupt)
         else:
             self._engine_error(stop.error)
-        return self.linear_pc()
 
     def _vm_entry(self) -> None:
         """VM entry: deliver the event in VM_ENTRY_INTR_INFO_FIELD, then clear its valid bit."""
@@ -437,11 +446,7 @@ class Vcpu:
             self.hv.handle_exit(self, x)
             self._finish(x, None)
         except GuestEnded as ending:
-            if self.tracer is not None or self.dump_at is not None:
-                try:
-                    self._finish(x, None)
-                except GuestEnded:
-                    pass
+            self._finish(x, None, check_limit=False)
             self._ending = ending
 
     def _external_interrupt(self) -> None:

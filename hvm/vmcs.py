@@ -192,7 +192,7 @@ class FieldView:
     value: int
 
 
-GuestStateSource = Callable[[int], int]
+GuestStateSource = Callable[[int], "int | None"]
 
 
 class Vmcs:
