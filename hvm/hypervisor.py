@@ -184,6 +184,8 @@ class Hypervisor:
     def _exception(self, vcpu: Vcpu, x: ExitInfo) -> None:
         """Reflect the fault into the guest: VM entry delivers it through the guest's IVT/IDT."""
         has_code = x.vector in (8, 10, 11, 12, 13, 14, 17)
+        if x.vector == 14:
+            vcpu.set_reg(Reg.CR2, x.qualification)  # delivery of a #PF sets CR2, as the CPU does
         vcpu.vmcs.vmwrite(V.VM_ENTRY_INTR_INFO_FIELD, V.intr_info(x.vector, V.INTR_TYPE_HARD_EXCEPTION, has_code))
         vcpu.vmcs.vmwrite(V.VM_ENTRY_EXCEPTION_ERROR_CODE, 0)
 

@@ -79,7 +79,7 @@ class Vcpu:
         self._disasm = Disassembler(self.bits)
         self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str]] = {}
         self._string: tuple[int, int, list[int] | None] | None = None  # (pc, elements left, IN values)
-        self._event: tuple[str, int, int] | None = None  # ("exception"|"soft", vector, return ip)
+        self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
         self._kicked = threading.Event()
         self._stopped_by_kick = False
@@ -356,7 +356,7 @@ class Vcpu:
             self._handle(x)
             self.engine.set_reg(self._pc_reg, self.engine.reg(self._pc_reg) + 3)  # VM entry skips it
             return True
-        self._event = ("exception", 6, pc)
+        self._event = ("exception", 6, pc, 0)
         return False
 
     def on_interrupt(self, vector: int) -> None:
@@ -367,7 +367,9 @@ class Vcpu:
         soft = ((vector == 3 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xcc")
                 or (vector == 4 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xce")
                 or (mem.contains(pc - 2, 2) and mem.read(pc - 2, 2) == bytes((0xCD, vector))))
-        self._event = ("soft" if soft else "exception", vector, pc)
+        # CR2 is only right inside the hook (Unicorn's way out clobbers it): keep it with the event.
+        cr2 = self.engine.reg(Reg.CR2) if vector == 14 else 0
+        self._event = ("soft" if soft else "exception", vector, pc, cr2)
         self.engine.stop()
 
     def on_unmapped(self, write: bool, fetch: bool, address: int, size: int, value: int) -> bool:
@@ -484,13 +486,15 @@ class Vcpu:
         if self._ending is not None:
             raise self._ending
 
-    def _exception_or_soft(self, kind: str, vector: int, pc: int) -> None:
+    def _exception_or_soft(self, kind: str, vector: int, pc: int, cr2: int = 0) -> None:
         if kind == "soft":
             # INT n is not intercepted (no VMX control for it): the CPU vectors straight away.
             self.hv.inject(self, vector, V.INTR_TYPE_SOFT_INTR, None)  # type: ignore[attr-defined]
             return
         has_code = vector in ERROR_CODE_VECTORS
-        x = self._record(R.EXCEPTION_NMI, 0, 0, pc,
+        # SDM 28.2.1: for a #PF the exit qualification is the faulting linear address (CR2).
+        qualification = cr2 if vector == 14 else 0
+        x = self._record(R.EXCEPTION_NMI, qualification, 0, pc,
                          intr_info=V.intr_info(vector, V.INTR_TYPE_HARD_EXCEPTION, has_code))
         x.vector = vector
         x.insn_json = self._insn_json(pc)
