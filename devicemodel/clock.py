@@ -46,5 +46,10 @@ class MonotonicClock:
     def __init__(self) -> None:
         self._origin = time.monotonic_ns()
 
+    @property
+    def origin_ns(self) -> int:
+        """The host monotonic time (ns) that is virtual time 0."""
+        return self._origin
+
     def now_ns(self) -> int:
         return time.monotonic_ns() - self._origin

@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--unconditional-io-exiting", action="store_true",
                      help="set 'unconditional I/O exiting' (used when I/O bitmaps are off)")
     run.add_argument("--rdtsc-exiting", action="store_true", help="RDTSC exits (reason 16); virtual TSC")
+    run.add_argument("--placement", choices=["xen", "all-dm"], default="xen",
+                     help="xen (default): PIC, PIT, RTC, PM timer and 0xE9/0xF4 in the hypervisor, "
+                          "the rest in the device model; all-dm: every device in the device model")
+    run.add_argument("--disk", type=Path, metavar="FILE", help="raw disk image for the IDE primary master")
+    run.add_argument("--serial", type=Path, metavar="FILE",
+                     help="COM1 output to FILE (default: stdout, after the 0xE9 console's bytes)")
+    run.add_argument("--serial-in", type=Path, metavar="FILE", help="bytes the guest reads from COM1")
+    run.add_argument("--pcap", type=Path, metavar="FILE", help="write every frame the NE2000 sends to FILE")
+    run.add_argument("--buffered-ports", type=_ports, default=[], metavar="PORTS",
+                     help="writes to these ports go through the buffered ioreq page (no waiting)")
+    run.add_argument("--dm-timeout", type=_seconds, default=5.0, metavar="SECONDS",
+                     help="how long the vCPU waits for the device model to answer an ioreq (default 5)")
     run.add_argument("--trace", type=Path, metavar="FILE", help="write one JSON object per exit to FILE")
     run.add_argument("--dump-vmcs", type=_nonneg_int, metavar="N",
                      help="print the VMCS as it was at exit N (0 = first), by area")
@@ -199,21 +211,37 @@ def _run(args: argparse.Namespace) -> int:
     from .loader import LoadError, load, parse_mode
     from .machine import RunOptions, run
 
+    serial_file = None
     try:
         image = load(args.guest, parse_mode(args.mode), args.load)
+        serial_in = None
+        if args.serial_in is not None:
+            try:
+                serial_in = args.serial_in.read_bytes()
+            except OSError as exc:
+                raise LoadError(f"{args.serial_in}: cannot read serial input: {exc.strerror}") from None
         options = RunOptions(mem=args.mem, timeout_s=args.timeout or None, max_exits=args.max_exits,
                              pass_through=args.pass_through, use_io_bitmaps=not args.no_io_bitmaps,
                              unconditional_io_exiting=args.unconditional_io_exiting,
                              rdtsc_exiting=args.rdtsc_exiting, trace=args.trace,
-                             dump_vmcs=args.dump_vmcs)
+                             dump_vmcs=args.dump_vmcs, placement=args.placement, disk=args.disk,
+                             pcap=args.pcap, serial_in=serial_in, buffered_ports=args.buffered_ports,
+                             dm_timeout_s=args.dm_timeout)
         console = ConsoleSink(None if args.json else sys.stdout.buffer)
-        result = run(image, options, console)
+        if args.serial is not None:
+            serial_file = open(args.serial, "wb")  # noqa: SIM115 - closed below
+        serial = ConsoleSink(serial_file if serial_file is not None else
+                             (None if args.json else sys.stdout.buffer))
+        result = run(image, options, console, serial)
     except LoadError as exc:
         print(f"hvmlab: error: {exc}", file=sys.stderr)
         return status.BAD_INPUT
     except OSError as exc:
         print(f"hvmlab: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
         return status.BAD_INPUT
+    finally:
+        if serial_file is not None:
+            serial_file.close()
     if args.json:
         print(json.dumps(result.to_json()))
     else:

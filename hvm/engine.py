@@ -113,7 +113,7 @@ _UC_MEM_FETCH_UNMAPPED = unicorn.UC_MEM_FETCH_UNMAPPED
 class Engine:
     """One Unicorn instance for one vCPU; only that vCPU's thread calls into it (but `stop`)."""
 
-    def __init__(self, bits: int, memory: GuestMemory) -> None:
+    def __init__(self, bits: int, memory: GuestMemory, holes: tuple[tuple[int, int], ...] = ()) -> None:
         if bits not in _MODES:
             raise EngineError(f"unsupported CPU mode: {bits}-bit")
         self.bits = bits
@@ -128,12 +128,16 @@ class Engine:
         self.hook_exception: BaseException | None = None
         self._sink: HookSink | None = None
         for gpa, length, host in memory.runs():
-            self.uc.mem_map_ptr(gpa, length, unicorn.UC_PROT_ALL, host)
+            for start, end in _minus_holes(gpa, gpa + length, holes):
+                self.uc.mem_map_ptr(start, end - start, unicorn.UC_PROT_ALL, host + (start - gpa))
+        self.holes = holes
         memory.on_remap(self._remap)
 
     # -- memory ----------------------------------------------------------------------------------
     def _remap(self, pfn: int, frame: HostFrame) -> None:
         gpa = pfn * PAGE_SIZE
+        if any(base <= gpa < base + length for base, length in self.holes):
+            return  # a device's page, not RAM the CPU maps
         self.uc.mem_unmap(gpa, PAGE_SIZE)
         self.uc.mem_map_ptr(gpa, PAGE_SIZE, unicorn.UC_PROT_ALL, frame.address)
 
@@ -329,12 +333,13 @@ class Engine:
         return self.reg(Reg.RIP) if self.bits == 64 else self.reg(Reg.EIP)
 
     # -- running ---------------------------------------------------------------------------------
-    def run(self, begin: int) -> StopInfo:
+    def run(self, begin: int, count: int = 0) -> StopInfo:
         """Run the guest from linear address `begin` until a hook or another thread stops it,
-        HLT, or an error (Unicorn returns after HLT with EIP past it)."""
+        HLT, an error (Unicorn returns after HLT with EIP past it), or `count` instructions."""
         self.hook_exception = None
         try:
-            self.uc.emu_start(begin, 0xFFFF_FFFF_FFFF_FFFF if self.bits == 64 else 0xFFFF_FFFF)
+            self.uc.emu_start(begin, 0xFFFF_FFFF_FFFF_FFFF if self.bits == 64 else 0xFFFF_FFFF,
+                              count=count)
             error = None
         except unicorn.UcError as exc:
             error = _error_name(exc.errno)
@@ -347,6 +352,23 @@ class Engine:
     def close(self) -> None:
         self._memory._listeners = [cb for cb in self._memory._listeners if cb != self._remap]
         self._callbacks.clear()
+
+
+def _minus_holes(start: int, end: int, holes: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """[start, end) without the (base, length) holes: what of guest RAM the CPU may touch directly."""
+    pieces = [(start, end)]
+    for base, length in holes:
+        out = []
+        for lo, hi in pieces:
+            if base + length <= lo or base >= hi:
+                out.append((lo, hi))
+                continue
+            if lo < base:
+                out.append((lo, base))
+            if base + length < hi:
+                out.append((base + length, hi))
+        pieces = out
+    return pieces
 
 
 def _error_name(errno: int) -> str:

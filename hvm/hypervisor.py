@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from devicemodel.bus import Bus, Device
+from devicemodel.clock import Clock
 
 from . import exit_reasons as R
 from . import vmcs as V
@@ -14,9 +15,12 @@ from .cpuid import CpuModel
 from .engine import Reg
 from .hypercall import HypercallTable
 from .interrupts import EXCEPTION_NAMES, DeliveryFault, NoHandler, deliver
+from .io_router import IoRouter
+from .ioreq_client import IoreqClient
 from .memory import GuestMemory
+from .pc import Platform
 from .platform_ports import DebugConsole, DebugExit
-from .status import CRASHED, HALTED, LIMIT, GuestEnded, debug_exit_status
+from .status import CRASHED, HALTED, LIMIT, GuestEnded, debug_exit
 from .vcpu import ExitInfo, Vcpu
 
 DEBUGCON_PORT = 0xE9
@@ -27,23 +31,28 @@ ExitFn = Callable[[Vcpu, ExitInfo], "int | list[int] | None"]
 
 
 class Hypervisor:
-    """Handles every exit of a domain's vCPUs. Ports it emulates itself sit on its own bus."""
+    """Handles every exit of a domain's vCPUs: its own devices on the vCPU thread, the rest as
+    ioreqs to the device model (through the IoRouter), and the interrupts devices raise."""
 
     def __init__(self, memory: GuestMemory, console: Callable[[bytes], None], cpu: CpuModel,
-                 hypercalls: HypercallTable | None = None) -> None:
+                 hypercalls: HypercallTable | None = None, platform: Platform | None = None,
+                 ioreq: IoreqClient | None = None, clock: Clock | None = None) -> None:
         self.memory = memory
         self.cpu = cpu
         self.hypercalls = hypercalls or HypercallTable()
         self._console = console
-        self.pio = Bus("hypervisor-pio", 16)
-        self.pio.map(DEBUGCON_PORT, 1, DebugConsole(console), "debugcon")
-        self.pio.map(DEBUG_EXIT_PORT, 1, DebugExit(self._debug_exit), "debug-exit")
+        self.platform = platform
+        self.ioreq = ioreq
+        self.clock = clock
+        if platform is not None:
+            self.pio = platform.hv_pio
+        else:
+            self.pio = Bus("hypervisor-pio", 16)
+            self.pio.map(DEBUGCON_PORT, 1, DebugConsole(console), "debugcon")
+            self.pio.map(DEBUG_EXIT_PORT, 1, DebugExit(debug_exit), "debug-exit")
+        self.router = IoRouter(self.pio, memory, platform, ioreq)
         self._port_cache: dict[int, tuple[int, Device, str] | None] = {}
-        self.unassigned_port_reads = 0
-        self.unassigned_port_writes = 0
         self.interrupts_injected = 0
-        self.ioreqs = 0
-        self.buffered_ioreqs = 0
         self.timeout_s: float | None = None
         self.user_interrupt = threading.Event()
         self.deadline: float | None = None
@@ -51,6 +60,7 @@ class Hypervisor:
             R.EXCEPTION_NMI: self._exception,
             R.EXTERNAL_INTERRUPT: self._external_interrupt,
             R.TRIPLE_FAULT: self._triple_fault,
+            R.INTERRUPT_WINDOW: self._interrupt_window,
             R.CPUID: self._cpuid,
             R.HLT: self._hlt,
             R.RDTSC: self._rdtsc,
@@ -58,6 +68,24 @@ class Hypervisor:
             R.IO_INSTRUCTION: self._io,
             R.EPT_VIOLATION: self._ept_violation,
         }
+
+    @property
+    def ioreqs(self) -> int:
+        return self.ioreq.ioreqs if self.ioreq is not None else 0
+
+    @property
+    def buffered_ioreqs(self) -> int:
+        return self.ioreq.buffered if self.ioreq is not None else 0
+
+    @property
+    def unassigned_port_reads(self) -> int:
+        extra = self.platform.dm.pio.unassigned_reads if self.platform is not None else 0
+        return self.router.unassigned_reads + extra
+
+    @property
+    def unassigned_port_writes(self) -> int:
+        extra = self.platform.dm.pio.unassigned_writes if self.platform is not None else 0
+        return self.router.unassigned_writes + extra
 
     def exit_table(self) -> dict[int, ExitFn]:
         """Basic exit reason -> handler: the one table every exit is dispatched through."""
@@ -72,34 +100,15 @@ class Hypervisor:
         return handler(vcpu, x)
 
     # -- port I/O --------------------------------------------------------------------------------
-    def _port(self, port: int) -> tuple[int, Device, str] | None:
-        try:
-            return self._port_cache[port]
-        except KeyError:
-            hit = self._port_cache[port] = self.pio.find(port)
-            return hit
-
     def io_direct(self, vcpu: Vcpu, port: int, size: int, direction_in: bool, value: int) -> int:
         """An access the I/O bitmaps let through: served at once, without an exit."""
-        return self._pio(port, size, direction_in, value)[0]
-
-    def _pio(self, port: int, size: int, direction_in: bool, value: int) -> tuple[int, str]:
-        hit = self._port(port)
-        if hit is None:
-            if direction_in:
-                self.unassigned_port_reads += 1
-                return (1 << (8 * size)) - 1, "unassigned"
-            self.unassigned_port_writes += 1
-            return 0, "unassigned"
-        base, device, _name = hit
-        if direction_in:
-            return device.read(port - base, size), "hypervisor"
-        device.write(port - base, size, value)
-        return 0, "hypervisor"
+        return self.router.pio(port, size, direction_in, value)[0]
 
     def _io(self, vcpu: Vcpu, x: ExitInfo) -> int | list[int] | None:
         if x.string:
-            return self._string_io(x)
+            values, x.handled_by, sent = self.router.string_pio(x.port, x.size, x.direction_in,
+                                                                x.linear, x.count, x.df)
+            return values
         hit = self._port_cache.get(x.port, False)
         if hit:  # the common case: a port this hypervisor emulates
             base, device, _name = hit  # type: ignore[misc]
@@ -107,29 +116,49 @@ class Hypervisor:
                 return device.read(x.port - base, x.size)
             device.write(x.port - base, x.size, x.data or 0)
             return 0
-        value, x.handled_by = self._pio(x.port, x.size, x.direction_in, x.data or 0)
+        if hit is False:
+            self._port_cache[x.port] = self.router.local_device(x.port)
+        value, x.handled_by = self.router.pio(x.port, x.size, x.direction_in, x.data or 0)
+        if x.handled_by == "device-model" and vcpu.tracer is not None and self.ioreq is not None:
+            x.extra = self._ioreq_extra()
         return value
 
-    def _string_io(self, x: ExitInfo) -> list[int] | None:
-        """INS/OUTS: every element at once, from or to guest memory (backwards when DF=1)."""
-        step = -x.size if x.df else x.size
-        addresses = [x.linear + i * step for i in range(x.count)]
-        if x.direction_in:
-            values = []
-            for _ in addresses:
-                value, x.handled_by = self._pio(x.port, x.size, True, 0)
-                values.append(value)
-            return values
-        for address in addresses:
-            if not self.memory.contains(address, x.size):
-                break  # Unicorn itself turns this element into an EPT violation
-            value = self.memory.read_uint(address, x.size)
-            _, x.handled_by = self._pio(x.port, x.size, False, value)
-        return None
+    def _ioreq_extra(self) -> dict | None:
+        assert self.ioreq is not None
+        if not self.ioreq.records:
+            return None
+        rec = self.ioreq.records[-1]
+        return {"ioreq": {"hex": rec.posted_bytes.hex(), "answer_hex": rec.answered_bytes.hex()},
+                "steps": rec.steps}
 
-    def _debug_exit(self, value: int) -> None:
-        raise GuestEnded("debug_exit", debug_exit_status(value),
-                         f"guest wrote {value:#x} to the debug-exit port {DEBUG_EXIT_PORT:#x}")
+    # -- interrupts from devices ---------------------------------------------------------------
+    def check_interrupts(self, vcpu: Vcpu) -> None:
+        """At VM entry: advance timers; if the vPIC asserts INTR, inject it when the guest can
+        take it (IF=1, no STI shadow), else ask for an interrupt-window exit."""
+        platform = self.platform
+        if platform is None:
+            return
+        if self.clock is not None:
+            platform.run_timers(self.clock.now_ns())
+        with platform.lock:
+            pending = platform.pic.has_interrupt()
+        if not pending:
+            vcpu.controls.interrupt_window_exiting = False
+            return
+        if vcpu.reg(Reg.EFLAGS) & (1 << 9) and not vcpu.interrupt_shadow:
+            with platform.lock:
+                vector = platform.pic.inta()
+            vcpu.controls.interrupt_window_exiting = False
+            vcpu.vmcs.vmwrite(V.VM_ENTRY_INTR_INFO_FIELD, V.intr_info(vector, V.INTR_TYPE_EXTERNAL))
+        else:
+            vcpu.controls.interrupt_window_exiting = True
+
+    def _interrupt_window(self, vcpu: Vcpu, x: ExitInfo) -> None:
+        """The guest can take interrupts again: the next VM entry injects (check_interrupts)."""
+        vcpu.controls.interrupt_window_exiting = False
+
+    def next_timer_deadline_ns(self) -> int | None:
+        return self.platform.next_deadline_ns() if self.platform is not None else None
 
     # -- instructions ----------------------------------------------------------------------------
     def _cpuid(self, vcpu: Vcpu, x: ExitInfo) -> None:
@@ -169,10 +198,24 @@ class Hypervisor:
             raise GuestEnded("halt", HALTED, "guest halted with interrupts disabled")
 
     def wait_for_interrupt(self, vcpu: Vcpu) -> bool:
-        """HLT with IF=1: block (no spinning) until something wakes the vCPU. Nothing in this
-        machine raises interrupts yet, so only the host timer (--timeout) or Ctrl-C does."""
-        vcpu._kicked.wait(None if self.deadline is None else max(0.0, self.deadline - time.monotonic()) + 1.0)
-        return True
+        """HLT with IF=1: block (no spinning) until the vPIC asserts INTR, a device timer is
+        due, or the host timer (--timeout) / Ctrl-C kicks the vCPU."""
+        platform = self.platform
+        while True:
+            vcpu.wake.clear()
+            if vcpu._kicked.is_set():
+                return True
+            if platform is not None:
+                if self.clock is not None:
+                    platform.run_timers(self.clock.now_ns())
+                with platform.lock:
+                    if platform.pic.has_interrupt():
+                        return True
+            wait = 0.25
+            deadline = self.next_timer_deadline_ns()
+            if deadline is not None and self.clock is not None:
+                wait = min(wait, max(0.0, (deadline - self.clock.now_ns()) / 1e9))
+            vcpu.wake.wait(wait)
 
     # -- events ----------------------------------------------------------------------------------
     def _external_interrupt(self, vcpu: Vcpu, x: ExitInfo) -> None:
@@ -194,7 +237,13 @@ class Hypervisor:
         raise GuestEnded("triple_fault", CRASHED,
                          f"guest triple-faulted at rip {x.rip:#x} ({why}): the CPU shut down")
 
-    def _ept_violation(self, vcpu: Vcpu, x: ExitInfo) -> None:
+    def _ept_violation(self, vcpu: Vcpu, x: ExitInfo) -> int:
+        served = self.router.mmio(x.gpa, x.size, x.write, x.data or 0)
+        if served is not None:
+            value, x.handled_by = served
+            if vcpu.tracer is not None and self.ioreq is not None and not x.write:
+                x.extra = self._ioreq_extra()
+            return value
         kind = "instruction fetch from" if x.fetch else ("write to" if x.write else "read of")
         raise GuestEnded("ept_violation", CRASHED,
                          f"EPT violation: {kind} guest-physical address {x.gpa:#x} at rip {x.rip:#x}, "

@@ -46,7 +46,9 @@ class KeystoneWorker:
     def __init__(self, timeout: float = KEYSTONE_TIMEOUT,
                  argv: Sequence[str] | None = None) -> None:
         self.timeout = timeout
-        self.argv = list(argv) if argv is not None else [sys.executable, "-u", __file__]
+        # -P: the child must not see hvm/ as a top-level path (hvm/platform.py would shadow
+        # the standard library's platform module that keystone imports).
+        self.argv = list(argv) if argv is not None else [sys.executable, "-u", "-P", __file__]
         self.proc: subprocess.Popen[bytes] | None = None
         self.round_trips = 0   # batches sent, for callers that check how chatty they are
         # (bits, text) -> answer; keystone is deterministic, so answers are kept for reuse.
@@ -62,11 +64,22 @@ class KeystoneWorker:
         if self.proc is None or self.proc.poll() is not None:
             try:
                 self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             except OSError as e:
                 raise KeystoneUnavailable(f"cannot start keystone worker: {e}") from e
             self._buf = b""
         return self.proc
+
+    @staticmethod
+    def _last_words(proc: subprocess.Popen[bytes]) -> str:
+        """The last line the dead child wrote to stderr (e.g. why keystone would not load)."""
+        try:
+            proc.wait(timeout=1.0)
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+        lines = [line for line in err.splitlines() if line.strip()]
+        return f": {lines[-1].strip()}" if lines else ""
 
     def _kill(self) -> None:
         proc, self.proc = self.proc, None
@@ -75,7 +88,7 @@ class KeystoneWorker:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        for f in (proc.stdin, proc.stdout):
+        for f in (proc.stdin, proc.stdout, proc.stderr):
             if f is not None:
                 f.close()
 
@@ -103,7 +116,8 @@ class KeystoneWorker:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise KeystoneUnavailable("keystone worker exited without answering")
+                raise KeystoneUnavailable("keystone worker exited without answering"
+                                          + self._last_words(proc))
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return line
@@ -142,15 +156,16 @@ class KeystoneWorker:
 
 
 _default: KeystoneWorker | None = None
+_default_pid = 0
 _default_lock = threading.Lock()
 
 
 def default_worker() -> KeystoneWorker:
     """The process-wide worker the assembler uses (started on first use, stopped at exit)."""
-    global _default
+    global _default, _default_pid
     with _default_lock:
-        if _default is None:
-            _default = KeystoneWorker()
+        if _default is None or _default_pid != os.getpid():   # a forked child gets its own
+            _default, _default_pid = KeystoneWorker(), os.getpid()
             atexit.register(_default.close)
         return _default
 
@@ -167,6 +182,8 @@ def _watch_parent(parent: int) -> None:
 
 
 def _child_main() -> int:
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     import keystone  # only the child loads keystone
 
     modes = {16: keystone.KS_MODE_16, 32: keystone.KS_MODE_32, 64: keystone.KS_MODE_64}

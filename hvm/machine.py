@@ -1,4 +1,4 @@
-"""A machine: one HVM domain wired from its parts, run on its own vCPU thread, with a result (the run's public face)."""
+"""A machine: one HVM domain wired from its parts (vCPU, hypervisor, PC devices, device-model thread), run to its end, with a result."""
 
 from __future__ import annotations
 
@@ -8,16 +8,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from devicemodel.clock import MonotonicClock
+from devicemodel.server import IoreqServer
+
 from . import exit_reasons as R
 from .boot import boot
+from .bufioreq import BufferedIoPage
 from .console import ConsoleSink
 from .controls import ExecutionControls
 from .cpuid import hvmlab_cpu
 from .engine import Engine
+from .evtchn import make_interdomain_pair
 from .hypervisor import Hypervisor
-from .loader import GuestImage, place
+from .ioreq import SharedIoPage
+from .ioreq_client import IoreqClient
+from .loader import GuestImage, LoadError, place
 from .memory import GuestMemory
-from .status import INTERNAL, GuestEnded
+from .pc import VGA_HOLE, Platform, PlatformError, PlatformOptions, build
+from .status import INTERNAL, GuestEnded, debug_exit
 from .trace import TraceWriter
 from .vcpu import Vcpu
 
@@ -36,6 +44,13 @@ class RunOptions:
     trace: Path | None = None
     dump_vmcs: int | None = None
     stream_console: bool = True
+    placement: str = "xen"
+    disk: Path | None = None
+    pcap: Path | None = None
+    serial_in: bytes | None = None
+    buffered_ports: list[int] = field(default_factory=list)
+    dm_timeout_s: float = 5.0
+    keep_ioreqs: bool = False
 
 
 @dataclass
@@ -56,41 +71,71 @@ class RunResult:
     unassigned_port_writes: int
     wall_s: float
     hypercalls: dict[str, int]
+    serial: str = ""
+    placement: str = "xen"
+    ioreqs_by_type: dict[str, int] = field(default_factory=dict)
+    device_accesses: dict[str, int] = field(default_factory=dict)
+    frames_sent: int = 0
+    screen: str = ""
     vmcs_dump: dict | None = None
+    ioreq_records: list = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "vmcs_dump"}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("vmcs_dump", "ioreq_records")}
         if self.vmcs_dump is not None:
             out["vmcs_dump"] = {"exit": self.vmcs_dump["exit"], "reason": self.vmcs_dump["reason"],
                                 "vmcs": {f.name: f.value for f in self.vmcs_dump["vmcs"]}}
         return out
 
 
-def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = None) -> RunResult:
+def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = None,
+        serial: ConsoleSink | None = None) -> RunResult:
     """Load `image`, run it to its end on a vCPU thread, and say how it went."""
     console = console or ConsoleSink()
+    serial = serial or ConsoleSink()
     memory = GuestMemory(options.mem)
     place(image, memory)
+    clock = MonotonicClock()
+    try:
+        platform = build(PlatformOptions(placement=options.placement, mem=options.mem, disk=options.disk,
+                                         pcap=options.pcap, serial_in=options.serial_in,
+                                         buffered_ports=options.buffered_ports),
+                         clock, console, serial, debug_exit)
+    except PlatformError as exc:
+        raise LoadError(str(exc)) from None
     controls = ExecutionControls(use_io_bitmaps=options.use_io_bitmaps,
                                  unconditional_io_exiting=options.unconditional_io_exiting,
                                  rdtsc_exiting=options.rdtsc_exiting)
     assert controls.io_bitmaps is not None
     for port in options.pass_through:
         controls.io_bitmaps.set_exit(port, False)
-    hv = Hypervisor(memory, console, hvmlab_cpu())
+
+    # The shared I/O page, the buffered page, and the event channels between this vCPU and the
+    # device model (Xen: one interdomain channel per vCPU, one for buffered ioreqs).
+    page, bufpage = SharedIoPage(), BufferedIoPage()
+    hv_end, dm_end = make_interdomain_pair(name="ioreq-vcpu0")
+    buf_hv, buf_dm = make_interdomain_pair(name="bufioreq")
+    server = IoreqServer(page, [dm_end], platform.dm, memory, bufpage, buf_dm, clock=clock)
+    ioreq = IoreqClient(0, page, hv_end, clock.now_ns, options.dm_timeout_s, bufpage, buf_hv, server)
+    ioreq.keep_records = options.keep_ioreqs or options.trace is not None
+    hv = Hypervisor(memory, console, hvmlab_cpu(), platform=platform, ioreq=ioreq, clock=clock)
     hv.timeout_s = options.timeout_s
     tracer = None
     if options.trace is not None:
-        tracer = TraceWriter(options.trace, {"guest": image.name, "mode": image.mode})
+        tracer = TraceWriter(options.trace, {"guest": image.name, "mode": image.mode,
+                                             "placement": options.placement})
     holder: dict[str, Any] = {}
     ready = threading.Event()
 
     def vcpu_thread() -> None:
         try:
-            engine = Engine(image.bits, memory)
-            vcpu = Vcpu(0, engine, memory, controls, hv, tracer, options.max_exits, options.dump_vmcs)
+            engine = Engine(image.bits, memory, holes=(VGA_HOLE,))
+            vcpu = Vcpu(0, engine, memory, controls, hv, tracer, options.max_exits, options.dump_vmcs,
+                        t0_ns=clock.origin_ns)
             engine.install(vcpu, options.rdtsc_exiting)
+            _map_mmio(engine, vcpu, platform)
             boot(engine, memory, image.bits, image.entry)
+            platform.router.on_intr = vcpu.request_interrupt_check
             holder["vcpu"] = vcpu
             ready.set()
             holder["ending"] = vcpu.run(hv.wait_for_interrupt)
@@ -102,21 +147,51 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
 
     start = time.monotonic()
     hv.deadline = start + options.timeout_s if options.timeout_s else None
+    server.start()
     thread = threading.Thread(target=vcpu_thread, name="vcpu0", daemon=True)
-    thread.start()
-    ready.wait()
+    host_timer = None
     try:
+        thread.start()
+        ready.wait()
+        vcpu = holder.get("vcpu")
+        if vcpu is not None:
+            from .host_timer import HostTimer
+
+            host_timer = HostTimer(clock, vcpu.timer_fired)
+            vcpu.host_timer = host_timer
         _supervise(thread, holder, hv)
     finally:
         wall = time.monotonic() - start
+        if host_timer is not None:
+            host_timer.stop()
+        server.stop()
+        platform.close()
+    return _result(image, options, holder, hv, platform, ioreq, console, serial, tracer, wall)
+
+
+def _map_mmio(engine: Engine, vcpu: Vcpu, platform: Platform) -> None:
+    """Pages where the device model emulates a device are left out of EPT: each access is an
+    EPT violation the hypervisor sends on as a COPY ioreq."""
+    for base, length, _name in platform.mmio_ranges:
+        def read(offset: int, size: int, base: int = base) -> int:
+            return vcpu.mmio_access(base + offset, size, False, 0)
+
+        def write(offset: int, size: int, value: int, base: int = base) -> None:
+            vcpu.mmio_access(base + offset, size, True, value)
+
+        engine.map_mmio(base, length, read, write)
+
+
+def _result(image: GuestImage, options: RunOptions, holder: dict[str, Any], hv: Hypervisor,
+            platform: Platform, ioreq: IoreqClient, console: ConsoleSink, serial: ConsoleSink,
+            tracer: TraceWriter | None, wall: float) -> RunResult:
     ending: GuestEnded = holder["ending"]
-    vcpu = holder.get("vcpu")
+    vcpu: Vcpu | None = holder.get("vcpu")
     console.flush()
+    serial.flush()
     exits = {R.name(code): n for code, n in sorted(vcpu.exits_by_reason.items())} if vcpu else {}
-    exits = {k: v for k, v in exits.items() if v}
     if tracer is not None:
         tracer.close({"ended_by": ending.ended_by, "exit_status": ending.status, "exits": exits})
-    hypercall_names = {str(n): c for n, c in hv.hypercalls.calls.items()}
     return RunResult(
         guest=image.name, mode=image.mode, ended_by=ending.ended_by, exit_status=ending.status,
         message=ending.message, console=console.text(), exits=exits,
@@ -124,8 +199,19 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
         interrupts_injected=hv.interrupts_injected,
         direct_port_accesses=vcpu.direct_port_accesses if vcpu else 0,
         unassigned_port_reads=hv.unassigned_port_reads, unassigned_port_writes=hv.unassigned_port_writes,
-        wall_s=round(wall, 6), hypercalls=hypercall_names, vmcs_dump=vcpu.dump if vcpu else None,
+        wall_s=round(wall, 6), hypercalls={str(n): c for n, c in hv.hypercalls.calls.items()},
+        serial=serial.text(), placement=options.placement, ioreqs_by_type=dict(ioreq.by_type),
+        device_accesses=_device_accesses(platform), frames_sent=len(platform.frames_sent),
+        screen=platform.vga.screen(), vmcs_dump=vcpu.dump if vcpu else None,
+        ioreq_records=list(ioreq.records) if options.keep_ioreqs else [],
     )
+
+
+def _device_accesses(platform: Platform) -> dict[str, int]:
+    counts = dict(platform.hv_pio.accesses)
+    for name, n in platform.dm.accesses().items():
+        counts[name] = counts.get(name, 0) + n
+    return counts
 
 
 def _supervise(thread: threading.Thread, holder: dict[str, Any], hv: Hypervisor) -> None:
@@ -134,7 +220,7 @@ def _supervise(thread: threading.Thread, holder: dict[str, Any], hv: Hypervisor)
     vcpu: Vcpu | None = holder.get("vcpu")
     while thread.is_alive():
         now = time.monotonic()
-        wait = KICK_RETRY_S if hv.deadline is None or now < hv.deadline else KICK_RETRY_S
+        wait = KICK_RETRY_S
         if hv.deadline is not None and now < hv.deadline:
             wait = min(hv.deadline - now, 0.25)
         try:

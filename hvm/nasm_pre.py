@@ -21,9 +21,11 @@ class SourceLine:
     directory: Path | None = None   # where the file is (incbin looks there first)
 
 
-class PreprocessError(Exception):
+class AsmError(Exception):
+    """An error in the guest source: str(e) == "file:line: message"."""
+
     def __init__(self, file: str, line: int, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{file}:{line}: {message}")
         self.file = file
         self.line = line
         self.message = message
@@ -218,8 +220,8 @@ class Preprocessor:
             code = strip_comment(raw).strip()
             active = all(c[0] for c in conds)
 
-            def fail(message: str, number: int = number) -> PreprocessError:
-                return PreprocessError(name, number, message)
+            def fail(message: str, number: int = number) -> AsmError:
+                return AsmError(name, number, message)
 
             if code.startswith("%") and len(code) > 1 and code[1] not in "%$0123456789":
                 head = code.split(None, 1)
@@ -262,9 +264,9 @@ class Preprocessor:
                 raise fail(str(e)) from None
             self.out.append(SourceLine(name, number, expanded, directory))
         if conds:
-            raise PreprocessError(name, len(lines), "'%if' without '%endif'")
+            raise AsmError(name, len(lines), "'%if' without '%endif'")
 
-    def _condition(self, word: str, rest: str, fail: Callable[..., PreprocessError]) -> bool:
+    def _condition(self, word: str, rest: str, fail: Callable[..., AsmError]) -> bool:
         if word in ("%ifdef", "%ifndef"):
             if not rest:
                 raise fail(f"'{word}' needs a macro name")
@@ -276,7 +278,7 @@ class Preprocessor:
         return self._const(rest) != 0
 
     def _directive(self, word: str, rest: str, name: str, directory: Path | None, depth: int,
-                   fail: Callable[..., PreprocessError]) -> None:
+                   fail: Callable[..., AsmError]) -> None:
         if word in ("%define", "%xdefine", "%idefine", "%xidefine"):
             if not rest:
                 raise fail(f"'{word}' needs a macro name")
@@ -317,7 +319,7 @@ class Preprocessor:
             raise fail(f"unknown directive '{word}'")
 
     def _include(self, rest: str, name: str, directory: Path | None, depth: int,
-                 fail: Callable[..., PreprocessError]) -> None:
+                 fail: Callable[..., AsmError]) -> None:
         target = rest.strip()
         if len(target) >= 2 and (target[0] in "'\"" and target[-1] == target[0]
                                  or target[0] == "<" and target[-1] == ">"):

@@ -23,6 +23,12 @@ def debug_exit_status(value: int) -> int:
     return ((value << 1) | 1) & 0xFF
 
 
+def debug_exit(value: int) -> None:
+    """The debug-exit port was written: end the run with QEMU's status."""
+    raise GuestEnded("debug_exit", debug_exit_status(value),
+                     f"guest wrote {value:#x} to the debug-exit port 0xf4")
+
+
 class GuestEnded(Exception):  # noqa: N818 - an ending, not an error
     """The run is over. Raised on the vCPU thread (also from inside a hook) and caught by the run loop."""
 

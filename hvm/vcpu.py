@@ -12,6 +12,7 @@ from . import vmcs as V
 from .controls import ExecutionControls
 from .decode import DecodeError, Disassembler, IoInstruction, decode_io
 from .engine import Engine, Reg
+from .host_timer import HostTimer
 from .interrupts import ERROR_CODE_VECTORS
 from .memory import GuestMemory
 from .qualification import encode_ept
@@ -53,7 +54,8 @@ class Vcpu:
 
     def __init__(self, vcpu_id: int, engine: Engine, memory: GuestMemory, controls: ExecutionControls,
                  hypervisor: ExitHandler, tracer: TraceWriter | None = None,
-                 max_exits: int | None = None, dump_at: int | None = None) -> None:
+                 max_exits: int | None = None, dump_at: int | None = None,
+                 t0_ns: int | None = None) -> None:
         self.id = vcpu_id
         self.engine = engine
         self.memory = memory
@@ -82,8 +84,13 @@ class Vcpu:
         self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
         self._kicked = threading.Event()
+        self.wake = threading.Event()          # set when a halted vCPU has something to look at
+        self.halted = False                    # blocked in HLT, waiting for an interrupt
+        self.host_timer: HostTimer | None = None
+        self._entry_check = False              # leave the guest to run VM entry's interrupt check
+        self.interrupt_shadow = False          # the instruction after STI: interrupts still blocked
         self._stopped_by_kick = False
-        self._t0 = time.perf_counter_ns()
+        self._t0 = time.monotonic_ns() if t0_ns is None else t0_ns  # virtual time 0 (the devices' clock)
         self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
 
     # -- time and registers ------------------------------------------------------------------------
@@ -103,7 +110,7 @@ class Vcpu:
         return hit
 
     def now_ns(self) -> int:
-        return time.perf_counter_ns() - self._t0
+        return time.monotonic_ns() - self._t0
 
     def reg(self, reg: int) -> int:
         return self.engine.reg(reg)
@@ -147,7 +154,7 @@ class Vcpu:
                 intr_info: int = 0, linear: int = 0, gpa: int = 0) -> ExitInfo:
         x = self.exit
         if self.tracer is not None:
-            x.t_ns = time.perf_counter_ns() - self._t0
+            x.t_ns = time.monotonic_ns() - self._t0
         x.seq = self.exits
         x.reason = reason
         x.qualification = qualification
@@ -163,7 +170,7 @@ class Vcpu:
     def _finish(self, x: ExitInfo, io: tuple | None, check_limit: bool = True) -> None:
         """After the handler: trace, VMCS dump, and the --max-exits limit."""
         if self.tracer is not None:
-            latency = time.perf_counter_ns() - self._t0 - x.t_ns
+            latency = time.monotonic_ns() - self._t0 - x.t_ns
             self.tracer.add((x.seq, x.t_ns, self.id, x.reason, x.qualification, x.rip, x.insn_json,
                              x.handled_by, latency, io, x.extra))
         if self.dump_at is not None and x.seq == self.dump_at:
@@ -223,7 +230,7 @@ class Vcpu:
             qualification = hit[2] | (port << 16)
             tracer = self.tracer
             if tracer is not None:
-                x.t_ns = time.perf_counter_ns() - self._t0
+                x.t_ns = time.monotonic_ns() - self._t0
             x.seq = self.exits
             x.reason = 30
             x.qualification = qualification
@@ -384,6 +391,25 @@ class Vcpu:
         self._handle(x)
         return False
 
+    def mmio_access(self, gpa: int, size: int, write: bool, value: int) -> int:
+        """A load or store to a page EPT leaves unmapped because a device lives there: an
+        EPT_VIOLATION exit that the hypervisor turns into a COPY ioreq (Xen: p2m_mmio_dm)."""
+        if self._ending is not None:
+            return 0
+        pc = self.linear_pc()
+        x = self._record(R.EPT_VIOLATION, encode_ept(not write, write, False), 0, pc, linear=gpa, gpa=gpa)
+        x.gpa, x.write, x.fetch, x.size, x.data = gpa, write, False, size, value if write else None
+        x.insn_json = self._insn_json(pc)
+        try:
+            result = self.hv.handle_exit(self, x) or 0
+        except GuestEnded:
+            self._finish(x, None, check_limit=False)
+            raise
+        if not write:
+            x.data = result
+        self._finish(x, None)
+        return result
+
     def on_hook_exception(self, exc: BaseException) -> None:
         """A handler ended the run (or failed) inside a hook: the rest of Unicorn's block still
         runs, so every later hook must do nothing."""
@@ -396,7 +422,20 @@ class Vcpu:
     def kick(self) -> None:
         """Another thread wants the vCPU out of the guest (a host interrupt): emu_stop."""
         self._kicked.set()
+        self.wake.set()
         self.engine.stop()
+
+    def timer_fired(self, retry: bool) -> int | None:
+        """The host timer for a device deadline: wake a halted vCPU; kick a running one (an
+        EXTERNAL_INTERRUPT exit) and ask to be called again until the kick has been seen."""
+        if self.halted:
+            self.wake.set()
+            return None
+        if retry and not self._kicked.is_set():
+            return None
+        self._kicked.set()
+        self.engine.stop()
+        return 2_000_000
 
     # -- the run loop ----------------------------------------------------------------------------
     def run(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> GuestEnded:
@@ -417,6 +456,10 @@ class Vcpu:
             self._external_interrupt()
             return
         self.vmcs.guest_stale()
+        if self.controls.interrupt_window_exiting:
+            self._window_step()
+            return
+        self.interrupt_shadow = False
         stop = self.engine.run(self.linear_pc())  # emu_start sets RIP from `begin`: the current one
         exc = stop.hook_exception
         if exc is not None:
@@ -428,16 +471,25 @@ class Vcpu:
             self._exception_or_soft(*event)
         elif self._kicked.is_set():
             self._external_interrupt()
+        elif stop.error is None and self._entry_check and not self._after_hlt():
+            self._entry_check = False  # only to let VM entry inject what a device raised
         elif stop.error is None:
+            self._entry_check = False
             self._halted(wait_for_interrupt)
         else:
             self._engine_error(stop.error)
 
     def _vm_entry(self) -> None:
-        """VM entry: deliver the event in VM_ENTRY_INTR_INFO_FIELD, then clear its valid bit."""
+        """VM entry: deliver the event in VM_ENTRY_INTR_INFO_FIELD, then clear its valid bit.
+        With none there, the hypervisor first looks for a pending interrupt to inject."""
         info = self.vmcs._fields[V.VM_ENTRY_INTR_INFO_FIELD]
         if not info & V.INTR_INFO_VALID:
-            return
+            self.hv.check_interrupts(self)  # type: ignore[attr-defined]
+            info = self.vmcs._fields[V.VM_ENTRY_INTR_INFO_FIELD]
+            if self.host_timer is not None:
+                self.host_timer.arm(self.hv.next_timer_deadline_ns())  # type: ignore[attr-defined]
+            if not info & V.INTR_INFO_VALID:
+                return
         self.vmcs._fields[V.VM_ENTRY_INTR_INFO_FIELD] = 0
         self.hv.inject(self, info & 0xFF, (info >> 8) & 7,  # type: ignore[attr-defined]
                        self.vmcs._fields[V.VM_ENTRY_EXCEPTION_ERROR_CODE]
@@ -459,6 +511,41 @@ class Vcpu:
         x.vector = HOST_TIMER_VECTOR
         self._call(x)
 
+    def _after_hlt(self) -> bool:
+        pc = self.linear_pc()
+        return self.memory.contains(pc - 1) and self.memory.read(pc - 1, 1) == b"\xf4"
+
+    def request_interrupt_check(self) -> None:
+        """Another thread raised an interrupt line: wake a halted vCPU, or get a running one out
+        of the guest so VM entry can inject (no exit is recorded: nothing the guest did)."""
+        self._entry_check = True
+        self.wake.set()
+        self.engine.stop()
+
+    def _window_step(self) -> None:
+        """Interrupt-window exiting: run one instruction at a time until the guest can take an
+        interrupt (IF=1 and past the STI shadow), then exit with reason 7."""
+        pc = self.linear_pc()
+        was_sti = self.memory.contains(pc) and self.memory.read(pc, 1) == b"\xfb"
+        stop = self.engine.run(pc, count=1)
+        exc = stop.hook_exception
+        if exc is not None:
+            raise exc
+        event, self._event = self._event, None
+        if event is not None:
+            self._exception_or_soft(*event)
+            return
+        if stop.error is not None:
+            self._engine_error(stop.error)
+            return
+        if self._after_hlt() and self.linear_pc() != pc:
+            self._halted(lambda _vcpu: True)
+        self.interrupt_shadow = was_sti
+        if self.engine.reg(Reg.EFLAGS) & (1 << 9) and not was_sti:
+            x = self._record(R.INTERRUPT_WINDOW, 0, 0, self.linear_pc())
+            x.insn_json = self._insn_json(self.linear_pc())
+            self._call(x)
+
     def _halted(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> None:
         pc_after = self.linear_pc()
         hlt_pc = pc_after - 1
@@ -473,7 +560,12 @@ class Vcpu:
             self._call(x)
         elif not self.engine.reg(Reg.EFLAGS) & (1 << 9):
             self._ending = GuestEnded("halt", 0, "guest halted with interrupts disabled")
-        if self._ending is None and not wait_for_interrupt(self):
+        self.halted = True
+        try:
+            woken = self._ending is not None or wait_for_interrupt(self)
+        finally:
+            self.halted = False
+        if not woken:
             self._ending = self._ending or GuestEnded("error", 8, "halted vCPU was never woken")
 
     def triple_fault(self, why: str) -> None:

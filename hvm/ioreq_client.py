@@ -1,0 +1,147 @@
+"""The hypervisor's side of a vCPU's ioreq slot: fill it, notify, block, complete (SEED.md HVM steps 2, 8-9; Xen arch/x86/hvm/ioreq.c)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from devicemodel.server import DeviceModelError, IoreqServer, IoreqTimeout, send_ioreq
+
+from .bufioreq import BufferedIoPage
+from .evtchn import EventChannel
+from .ioreq import (
+    IOREQ_READ,
+    IOREQ_TYPE_COPY,
+    IOREQ_TYPE_PCI_CONFIG,
+    IOREQ_TYPE_PIO,
+    IOREQ_WRITE,
+    STATE_IOREQ_READY,
+    IoReq,
+    SharedIoPage,
+)
+from .memory import PAGE_SIZE
+from .status import INTERNAL, GuestEnded
+
+TYPE_NAMES = {IOREQ_TYPE_PIO: "pio", IOREQ_TYPE_COPY: "copy", IOREQ_TYPE_PCI_CONFIG: "pci_config"}
+
+
+@dataclass
+class IoreqRecord:
+    """One ioreq as `explain` and the trace show it: the bytes posted and answered, and when
+    each step of the hand-off happened (ns on the vCPU's clock)."""
+
+    request: IoReq
+    posted_bytes: bytes
+    answered_bytes: bytes
+    data: int
+    steps: dict[str, int] = field(default_factory=dict)
+
+
+class IoreqClient:
+    """Sends this vCPU's I/O to the device model through the shared I/O page."""
+
+    def __init__(self, vcpu_id: int, page: SharedIoPage, port: EventChannel, now_ns: Callable[[], int],
+                 timeout_s: float = 5.0, bufpage: BufferedIoPage | None = None,
+                 buf_port: EventChannel | None = None, server: IoreqServer | None = None) -> None:
+        self.vcpu_id = vcpu_id
+        self.page = page
+        self.port = port
+        self.bufpage = bufpage
+        self.buf_port = buf_port
+        self.timeout_s = timeout_s
+        self.now_ns = now_ns
+        self.server = server
+        self.ioreqs = 0
+        self.buffered = 0
+        self.buffered_full = 0  # buffered writes that found the page full and went synchronously
+        self.by_type: dict[str, int] = {}
+        self.keep_records = False
+        self.records: list[IoreqRecord] = []
+
+    # -- synchronous ioreqs ----------------------------------------------------------------------
+    def send(self, req: IoReq) -> int:
+        """Post `req` (all fields, then state READY), notify, block the vCPU until the device
+        model answers; returns `data`. A device model that dies or never answers ends the run
+        with status 8."""
+        t_post = self.now_ns() if self.keep_records else 0
+        try:
+            data = send_ioreq(self.page, self.vcpu_id, req, self.port, self.timeout_s)
+        except (IoreqTimeout, DeviceModelError) as exc:
+            why = ""
+            if self.server is not None and self.server.error is not None:
+                why = f" ({type(self.server.error).__name__}: {self.server.error})"
+            raise GuestEnded("error", INTERNAL, f"device model failed: {exc}{why}") from None
+        self.ioreqs += 1
+        name = TYPE_NAMES.get(req.type, str(req.type))
+        self.by_type[name] = self.by_type.get(name, 0) + 1
+        if self.keep_records:
+            self._record(req, data, t_post)
+        return data
+
+    def _record(self, req: IoReq, data: int, t_post: int) -> None:
+        t_back = self.now_ns()
+        posted = IoReq(**{**req.__dict__, "vp_eport": self.port.port, "state": STATE_IOREQ_READY})
+        answered = IoReq(**{**posted.__dict__, "data": data if not req.data_is_ptr else req.data,
+                            "state": 3})
+        steps = {"2_posted_and_notified": t_post}
+        if self.server is not None:
+            times = self.server.step_times()
+            if times:
+                last = times[-1]
+                steps.update({"6_dm_woke_in_select": last.t_wake, "7_dm_copied_ioreq": last.t_fetched,
+                              "8_dm_answered_and_notified": last.t_done})
+        steps["9_hypervisor_woke"] = t_back
+        self.records.append(IoreqRecord(req, posted.pack(), answered.pack(), data, steps))
+        if len(self.records) > 4096:
+            del self.records[:2048]
+
+    def pio(self, port: int, size: int, direction_in: bool, data: int) -> int:
+        return self.send(IoReq(addr=port, data=0 if direction_in else data, count=1, size=size,
+                               vp_eport=0, state=0, data_is_ptr=False,
+                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
+                               type=IOREQ_TYPE_PIO))
+
+    def mmio(self, gpa: int, size: int, direction_in: bool, data: int) -> int:
+        return self.send(IoReq(addr=gpa, data=0 if direction_in else data, count=1, size=size,
+                               vp_eport=0, state=0, data_is_ptr=False,
+                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
+                               type=IOREQ_TYPE_COPY))
+
+    def pci_config(self, sbdf: int, reg: int, size: int, direction_in: bool, data: int) -> int:
+        return self.send(IoReq(addr=(sbdf << 32) | reg, data=0 if direction_in else data, count=1,
+                               size=size, vp_eport=0, state=0, data_is_ptr=False,
+                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
+                               type=IOREQ_TYPE_PCI_CONFIG))
+
+    def string_pio(self, port: int, size: int, direction_in: bool, gpa: int, count: int, df: bool) -> int:
+        """REP INS/OUTS: ioreqs with data_is_ptr = 1 and data = the guest buffer, each capped so
+        its buffer stays within one page (as Xen does); returns how many ioreqs it took."""
+        sent = 0
+        while count > 0:
+            if df:  # the buffer runs downwards from gpa: room is what lies below, in this page
+                room = ((gpa & (PAGE_SIZE - 1)) // size) + 1
+            else:
+                room = (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) // size
+            chunk = max(1, min(count, room))
+            self.send(IoReq(addr=port, data=gpa, count=chunk, size=size, vp_eport=0, state=0,
+                            data_is_ptr=True, dir=IOREQ_READ if direction_in else IOREQ_WRITE,
+                            df=df, type=IOREQ_TYPE_PIO))
+            sent += 1
+            gpa = gpa - chunk * size if df else gpa + chunk * size
+            count -= chunk
+        return sent
+
+    # -- buffered ioreqs -------------------------------------------------------------------------
+    def buffered_write(self, type_: int, addr: int, size: int, data: int) -> None:
+        """A write that needs no answer: into the buffered page and on, without blocking. When
+        the page is full it goes as a synchronous ioreq instead (the device model drains the
+        buffered page first), so nothing is lost and order is kept."""
+        if self.bufpage is not None and self.bufpage.try_put(type_, addr, size, data):
+            self.buffered += 1
+            assert self.buf_port is not None
+            self.buf_port.notify()
+            return
+        self.buffered_full += 1
+        req = IoReq(addr=addr, data=data, count=1, size=size, vp_eport=0, state=0, data_is_ptr=False,
+                    dir=IOREQ_WRITE, df=False, type=type_)
+        self.send(req)
