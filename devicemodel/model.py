@@ -36,6 +36,7 @@ class DeviceModel:
         self._blocks: dict[int, BlockPort] = {}
         self.ioreqs: collections.Counter[str] = collections.Counter()  # by type name
         self.bytes_copied = 0
+        self.last_target = ""  # the device the last ioreq reached (for `hvmlab explain`)
 
     def map_pio(self, base: int, length: int, device: Device, name: str) -> None:
         self.pio.map(base, length, device, name)
@@ -60,6 +61,8 @@ class DeviceModel:
         else:
             self.ioreqs["other"] += 1
             return 0
+        hit = bus.find(req.addr)
+        self.last_target = hit[2] if hit is not None else "unassigned"
         if req.data_is_ptr:
             self._string(bus, req, mem)
             return 0
@@ -69,6 +72,7 @@ class DeviceModel:
         return 0
 
     def _pci_config(self, req: IoReq) -> int:
+        self.last_target = "pci-config-space"
         if self.pci is None:
             return (1 << (8 * req.size)) - 1 if req.dir == IOREQ_READ else 0
         sbdf, reg = req.addr >> 32, req.addr & 0xFFFF_FFFF

@@ -11,7 +11,7 @@ from typing import Protocol
 
 from devicemodel.clock import Clock, MonotonicClock
 from hvm.bufioreq import BufferedIoPage
-from hvm.evtchn import EventChannel, wait_any
+from hvm.evtchn import EventChannel, WaitSet
 from hvm.ioreq import (
     IOREQ_READ,
     IOREQ_WRITE,
@@ -168,8 +168,9 @@ class IoreqServer:
         if self.buf_port is not None:
             watch.append(self.buf_port)
         try:
+            waiter = WaitSet(watch)
             while not self._stopping:
-                ready = wait_any(watch, WAKE_BOUND_S)
+                ready = waiter.wait(WAKE_BOUND_S)
                 if not ready:
                     continue
                 t_wake = self._clock.now_ns()
@@ -226,7 +227,8 @@ def send_ioreq(page: SharedIoPage, vcpu: int, req: IoReq, port: EventChannel,
     as the device model left it (READY or INPROCESS): that vCPU cannot post again, as in
     Xen, where a device model that loses an ioreq crashes the domain.
     """
-    req = replace(req, vp_eport=port.port)
+    if req.vp_eport != port.port:
+        req = replace(req, vp_eport=port.port)
     page.post(vcpu, req)  # all fields, then state = READY
     port.notify()
     deadline = time.monotonic() + max(0.0, timeout_s)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hvm import bufioreq, ioreq
+from pv.abi_pv import pv_layouts
 
 ALL_X86 = ("x86_32", "x86_64")
 
@@ -106,6 +107,7 @@ def default_registry() -> AbiRegistry:
     """Every layout hvmlab reports. pv/ modules add their providers here."""
     registry = AbiRegistry()
     registry.add(hvm_ioreq_layouts)
+    registry.add(pv_layouts)
     return registry
 
 

@@ -92,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
+    explain = sub.add_parser("explain", help="walk one I/O through the 9 steps of the HVM flow",
+                             description="Run a guest and walk one of its device-model I/Os through "
+                                         "the nine steps of Xen's HVM I/O path: the VMCS at the exit, "
+                                         "the ioreq bytes, the device's answer, and when each step "
+                                         "happened.", epilog=STATUS_HELP,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    explain.add_argument("guest", metavar="GUEST", help=".asm, .bin, ELF, or a shipped guest's name")
+    explain.add_argument("--io", type=_nonneg_int, default=0, metavar="N",
+                         help="which device-model I/O to explain (0 = the first)")
+    explain.add_argument("--placement", choices=["xen", "all-dm"], default="xen",
+                         help="where devices are emulated (all-dm: every port reaches the device model)")
+    explain.add_argument("--disk", type=Path, metavar="FILE", help="raw disk image for the IDE master")
+    explain.add_argument("--mode", choices=["real", "protected", "long", "16", "32", "64"])
+    explain.add_argument("--timeout", type=_seconds, default=10.0, metavar="SECONDS")
+
     run = sub.add_parser("run", help="run a guest and report every VM exit",
                          description="Run a guest kernel to its end and report how it ended and every VM exit.",
                          epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -181,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "explain":
+            return _explain(args)
         if args.command == "asm":
             return _asm(args)
         if args.command == "guests":
@@ -261,6 +278,22 @@ def _run(args: argparse.Namespace) -> int:
               f"status {result.exit_status}; {result.exits_total} exits ({exits}) in "
               f"{result.wall_s * 1000:.1f} ms", file=sys.stderr)
     return result.exit_status
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .explain import ExplainError, explain
+    from .loader import LoadError, load, parse_mode
+    from .machine import RunOptions
+
+    try:
+        image = load(args.guest, parse_mode(args.mode))
+        options = RunOptions(timeout_s=args.timeout or None, placement=args.placement, disk=args.disk)
+        return explain(image, options, args.io, Console())
+    except (LoadError, ExplainError) as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
 
 
 def _asm(args: argparse.Namespace) -> int:

@@ -84,6 +84,7 @@ class EventChannel:
         self._closed = False
         self._wait = _WaitObject()
         self._lock = threading.Lock()  # shared by both ends once bound (see _link)
+        self._poller: select.poll | None = None  # built on first wait, kept: one syscall per wait
 
     @staticmethod
     def _link(a: EventChannel, b: EventChannel) -> None:
@@ -128,9 +129,15 @@ class EventChannel:
     def wait(self, timeout_s: float) -> bool:
         """Block until notified (True, and consumed) or until timeout_s passes (False)."""
         deadline = time.monotonic() + max(0.0, timeout_s)
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.fileno(), select.POLLIN)
         while True:
-            fd = self.fileno()
-            if _readable([fd], deadline - time.monotonic()) and self.consume():
+            if self._closed:
+                raise EventChannelError(f"port {self.port} is closed")
+            ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            if poller.poll(ms) and self.consume():
                 return True
             if time.monotonic() >= deadline:
                 return False
@@ -153,17 +160,34 @@ class EventChannel:
         return f"<EventChannel {self.name or 'port'} {self.port}{link}{state}>"
 
 
+class WaitSet:
+    """Several ports one thread blocks on (a device model's select loop); the poll set is built
+    once, so each wait is one poll(2) call."""
+
+    def __init__(self, channels: Sequence[EventChannel]) -> None:
+        if not channels:
+            raise ValueError("a wait set needs at least one event channel")
+        self._by_fd = {ch.fileno(): ch for ch in channels}
+        self._poller = select.poll()
+        for fd in self._by_fd:
+            self._poller.register(fd, select.POLLIN)
+
+    def wait(self, timeout_s: float) -> list[EventChannel]:
+        """Block until some ports are notified; return them (now consumed), or [] at timeout."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        by_fd = self._by_fd
+        while True:
+            ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
+            got = [by_fd[fd] for fd, _ in self._poller.poll(ms) if by_fd[fd].consume()]
+            if got or time.monotonic() >= deadline:
+                return got
+
+
 def wait_any(channels: Sequence[EventChannel], timeout_s: float) -> list[EventChannel]:
     """Block in poll(2) on several ports; return the ones that were notified (now consumed)."""
     if not channels:
         raise ValueError("wait_any needs at least one event channel")
-    deadline = time.monotonic() + max(0.0, timeout_s)
-    while True:
-        by_fd = {ch.fileno(): ch for ch in channels}
-        ready = _readable(list(by_fd), deadline - time.monotonic())
-        got = [ch for fd, ch in by_fd.items() if fd in ready and ch.consume()]
-        if got or time.monotonic() >= deadline:
-            return got
+    return WaitSet(channels).wait(timeout_s)
 
 
 class EventChannelTable:

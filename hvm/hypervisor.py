@@ -108,6 +108,8 @@ class Hypervisor:
         if x.string:
             values, x.handled_by, sent = self.router.string_pio(x.port, x.size, x.direction_in,
                                                                 x.linear, x.count, x.df)
+            if sent and vcpu.tracer is not None:
+                x.extra = {**(self._ioreq_extra() or {}), "ioreqs": sent}
             return values
         hit = self._port_cache.get(x.port, False)
         if hit:  # the common case: a port this hypervisor emulates
@@ -128,7 +130,8 @@ class Hypervisor:
         if not self.ioreq.records:
             return None
         rec = self.ioreq.records[-1]
-        return {"ioreq": {"hex": rec.posted_bytes.hex(), "answer_hex": rec.answered_bytes.hex()},
+        return {"ioreq": {"hex": rec.posted_bytes.hex(), "answer_hex": rec.answered_bytes.hex(),
+                          "device": rec.device},
                 "steps": rec.steps}
 
     # -- interrupts from devices ---------------------------------------------------------------

@@ -165,6 +165,9 @@ class IoreqStateError(RuntimeError):
     """The hypervisor found the vCPU's slot busy when posting (Xen crashes the domain here)."""
 
 
+_STATE_MASK = ((1 << IOREQ_FLAG_BITS["state"][1]) - 1) << IOREQ_FLAG_BITS["state"][0]
+
+
 class SharedIoPage:
     """One 4096-byte page, one ioreq_t slot per vCPU (slot index = vCPU id).
 
@@ -208,11 +211,12 @@ class SharedIoPage:
                 f"vCPU {vcpu}: I/O slot is {STATE_NAMES.get(current, current)}, not "
                 "STATE_IOREQ_NONE; the previous ioreq was never completed"
             )
-        body = replace(req, state=STATE_IOREQ_NONE).pack()
+        body = bytearray(req.pack())
+        flags = body[IOREQ_FLAGS_OFFSET] & ~_STATE_MASK & 0xFF
+        body[IOREQ_FLAGS_OFFSET] = flags  # state NONE while the other fields land
         self._mem[off:off + IOREQ_SIZE] = body
         # Publish: the state store is last, so the request is complete before it is READY.
-        ready = body[IOREQ_FLAGS_OFFSET] | _put_bits("state", STATE_IOREQ_READY)
-        self._mem[off + IOREQ_FLAGS_OFFSET] = ready
+        self._mem[off + IOREQ_FLAGS_OFFSET] = flags | _put_bits("state", STATE_IOREQ_READY)
 
     def state(self, vcpu: int) -> int:
         return _bits(self._mem[self._slot(vcpu) + IOREQ_FLAGS_OFFSET], "state")

@@ -35,6 +35,7 @@ class IoreqRecord:
     answered_bytes: bytes
     data: int
     steps: dict[str, int] = field(default_factory=dict)
+    device: str = ""
 
 
 class IoreqClient:
@@ -91,7 +92,8 @@ class IoreqClient:
                 steps.update({"6_dm_woke_in_select": last.t_wake, "7_dm_copied_ioreq": last.t_fetched,
                               "8_dm_answered_and_notified": last.t_done})
         steps["9_hypervisor_woke"] = t_back
-        self.records.append(IoreqRecord(req, posted.pack(), answered.pack(), data, steps))
+        device = getattr(self.server.handler, "last_target", "") if self.server is not None else ""
+        self.records.append(IoreqRecord(req, posted.pack(), answered.pack(), data, steps, device))
         if len(self.records) > 4096:
             del self.records[:2048]
 

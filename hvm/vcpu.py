@@ -309,7 +309,7 @@ class Vcpu:
         x.count, x.data, x.linear, x.df = count, None, linear, df
         x.insn_json = insn_json
         values = self._io_handler(self, x)
-        x.extra = {"linear_address": linear, "df": df}
+        x.extra = {**(x.extra or {}), "linear_address": linear, "df": df}
         in_values = list(values) if io.direction_in and values is not None else None  # type: ignore[call-overload]
         if count > 1:
             self._string = (pc, count - 1, in_values[1:] if in_values is not None else None)
