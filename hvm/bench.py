@@ -55,6 +55,29 @@ org 0x100000
 """
 
 
+DM_IN_LOOP = """bits 32
+org 0x100000
+    cli
+    mov ecx, {n}
+    mov dx, 0x3ff          ; COM1 scratch register: the device model answers
+.l: in al, dx
+    dec ecx
+    jnz .l
+    hlt
+"""
+DM_OUT_LOOP = DM_IN_LOOP.replace("in al, dx", "out dx, al")
+MMIO_READ_LOOP = """bits 32
+org 0x100000
+    cli
+    mov ecx, {n}
+.l: mov al, [0xb8000]      ; VGA text memory: an EPT violation, then a COPY ioreq
+    dec ecx
+    jnz .l
+    hlt
+"""
+BUFFERED_WRITE_LOOP = MMIO_READ_LOOP.replace("mov al, [0xb8000]", "mov [0xb8000], al")
+
+
 def _image(source: str, n: int) -> GuestImage:
     asm = assemble_text(source.format(n=n), name="bench.asm")
     return GuestImage("bench", "asm", 32, 0x100000, (Segment(0x100000, asm.code, len(asm.code)),))
@@ -77,6 +100,78 @@ def _per_item(measure: Callable[[int], float], n: int) -> tuple[float, float, fl
     for _ in range(REPEATS):
         values.append((measure(2 * n) - measure(n)) / n)
     return statistics.median(values), min(values), max(values)
+
+
+def _floor_round_trip(n: int) -> float:
+    """Seconds for n blocking hand-offs to another thread and back, through the same event
+    channels the ioreq path uses: the floor a device-model round trip cannot beat."""
+    import threading
+
+    from .evtchn import make_interdomain_pair
+
+    mine, theirs = make_interdomain_pair(name="bench")
+
+    def echo() -> None:
+        for _ in range(n):
+            theirs.wait(5.0)
+            theirs.notify()
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    for _ in range(n):
+        mine.notify()
+        mine.wait(5.0)
+    elapsed = time.perf_counter() - start
+    thread.join()
+    mine.close()
+    theirs.close()
+    return elapsed
+
+
+def bench_ioreq(ios: int, as_json: bool) -> int:
+    n = max(200, ios)
+    console = Console(stderr=True)
+    figures: dict[str, dict[str, Any]] = {}
+
+    def record(key: str, label: str, triple: tuple[float, float, float]) -> None:
+        med, lo, hi = triple
+        figures[key] = {"label": label, "median": med * 1e6, "min": lo * 1e6, "max": hi * 1e6, "unit": "us"}
+
+    steps = (
+        ("floor", "thread hand-off and back through an event channel (the floor)", None, _floor_round_trip),
+        ("dm_in", "IN served by the device-model thread (ioreq round trip)", DM_IN_LOOP, None),
+        ("dm_out", "OUT served by the device-model thread", DM_OUT_LOOP, None),
+        ("mmio_read", "MMIO read (EPT violation, COPY ioreq)", MMIO_READ_LOOP, None),
+        ("buffered_write", "MMIO write through the buffered ioreq page", BUFFERED_WRITE_LOOP, None),
+    )
+    for key, label, source, fn in steps:
+        with console.status(label):
+            if fn is not None:
+                record(key, label, _per_item(fn, n))
+            else:
+                record(key, label, _per_item(lambda k, src=source: _timed_run(src, k), n))
+    floor = figures["floor"]["median"]
+    ratios = {"dm_round_trip_vs_floor": figures["dm_in"]["median"] / floor,
+              "buffered_write_vs_round_trip": figures["buffered_write"]["median"] / figures["dm_out"]["median"]}
+    targets = {"dm_round_trip_vs_floor": ("<=", 1.5)}
+    if as_json:
+        print(json.dumps({"figures": figures, "ratios": ratios, "repeats": REPEATS, "ios_per_measurement": n,
+                          "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()}}))
+        return 0
+    out = Console()
+    table = Table(title=f"hvmlab bench ioreq (median of {REPEATS}, {n:,} I/Os per measurement)")
+    for col in ("figure", "median", "min", "max", "x floor"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    for fig in figures.values():
+        table.add_row(str(fig["label"]), f"{fig['median']:.2f} us", f"{fig['min']:.2f}", f"{fig['max']:.2f}",
+                      f"{fig['median'] / floor:.2f}x")
+    out.print(table)
+    for key, value in ratios.items():
+        target = targets.get(key)
+        verdict = f"  (target {target[0]} {target[1]}: {'met' if value <= target[1] else 'NOT met'})" if target else ""
+        out.print(f"{key}: {value:.2f}{verdict}")
+    return 0
 
 
 def _rss_bytes() -> int:

@@ -177,10 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print figures (not tests)",
                            description="Measure costs in one run and print each figure with its ratio "
                                        "to a baseline measured in the same run.")
-    bench.add_argument("what", choices=["vmexit"], help="vmexit: exit costs vs a bare Unicorn hook")
+    bench.add_argument("what", choices=["vmexit", "ioreq"],
+                       help="vmexit: exit costs vs a bare Unicorn hook; ioreq: device-model round trips "
+                            "vs a bare thread hand-off")
     bench.add_argument("--json", action="store_true", help="one JSON object")
     bench.add_argument("--exits", type=_nonneg_int, default=200_000, metavar="N",
                        help="exits per measurement (default 200000)")
+    bench.add_argument("--ios", type=_nonneg_int, default=5000, metavar="N",
+                       help="I/Os per measurement for `bench ioreq` (default 5000)")
     bench.add_argument("--memory-exits", type=_nonneg_int, default=1_000_000, metavar="N",
                        help="exits for the memory-growth check (default 1000000)")
 
@@ -209,8 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "trace":
             return _trace(args, parser)
         if args.command == "bench":
-            from .bench import bench_vmexit
+            from .bench import bench_ioreq, bench_vmexit
 
+            if args.what == "ioreq":
+                return bench_ioreq(args.ios, args.json)
             return bench_vmexit(args.exits, args.memory_exits, args.json)
         if args.command == "abi":
             return _abi(args)

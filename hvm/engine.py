@@ -333,13 +333,13 @@ class Engine:
         return self.reg(Reg.RIP) if self.bits == 64 else self.reg(Reg.EIP)
 
     # -- running ---------------------------------------------------------------------------------
-    def run(self, begin: int, count: int = 0) -> StopInfo:
+    def run(self, begin: int, count: int = 0, timeout_us: int = 0) -> StopInfo:
         """Run the guest from linear address `begin` until a hook or another thread stops it,
         HLT, an error (Unicorn returns after HLT with EIP past it), or `count` instructions."""
         self.hook_exception = None
         try:
             self.uc.emu_start(begin, 0xFFFF_FFFF_FFFF_FFFF if self.bits == 64 else 0xFFFF_FFFF,
-                              count=count)
+                              timeout=timeout_us, count=count)
             error = None
         except unicorn.UcError as exc:
             error = _error_name(exc.errno)

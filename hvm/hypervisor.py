@@ -21,11 +21,13 @@ from .memory import GuestMemory
 from .pc import Platform
 from .platform_ports import DebugConsole, DebugExit
 from .status import CRASHED, HALTED, LIMIT, GuestEnded, debug_exit
-from .vcpu import ExitInfo, Vcpu
+from .vcpu import WINDOW_STEPS, ExitInfo, Vcpu
 
 DEBUGCON_PORT = 0xE9
 DEBUG_EXIT_PORT = 0xF4
-TSC_HZ = 2_000_000_000  # the virtual TSC runs at a nominal 2 GHz of virtual time
+TSC_HZ = 2_000_000_000
+# Devices whose accesses can change when an interrupt is due (kept off the fast path).
+TIMER_AND_IRQ_DEVICES = frozenset({"pic-master", "pic-slave", "elcr", "pit", "port61", "rtc"})  # the virtual TSC runs at a nominal 2 GHz of virtual time
 
 ExitFn = Callable[[Vcpu, ExitInfo], "int | list[int] | None"]
 
@@ -110,20 +112,39 @@ class Hypervisor:
                                                                 x.linear, x.count, x.df)
             if sent and vcpu.tracer is not None:
                 x.extra = {**(self._ioreq_extra() or {}), "ioreqs": sent}
+            if sent:
+                self.router.check_shutdown()
             return values
         hit = self._port_cache.get(x.port, False)
-        if hit:  # the common case: a port this hypervisor emulates
+        if hit:  # the common case: a port this hypervisor emulates that cannot raise interrupts
             base, device, _name = hit  # type: ignore[misc]
             if x.direction_in:
                 return device.read(x.port - base, x.size)
             device.write(x.port - base, x.size, x.data or 0)
             return 0
         if hit is False:
-            self._port_cache[x.port] = self.router.local_device(x.port)
+            local = self.router.local_device(x.port)
+            self._port_cache[x.port] = None if local is None or local[2] in TIMER_AND_IRQ_DEVICES else local
         value, x.handled_by = self.router.pio(x.port, x.size, x.direction_in, x.data or 0)
-        if x.handled_by == "device-model" and vcpu.tracer is not None and self.ioreq is not None:
-            x.extra = self._ioreq_extra()
+        if x.handled_by == "device-model":
+            if vcpu.tracer is not None:
+                x.extra = self._ioreq_extra()
+            self.router.check_shutdown()
+        if x.handled_by != "unassigned" and self.platform is not None:
+            self._after_platform_access(vcpu)
         return value
+
+    def _after_platform_access(self, vcpu: Vcpu) -> None:
+        """A guest access may have programmed a timer or unmasked/acknowledged an interrupt:
+        re-arm the host timer, and leave the guest for VM entry if INTR is now asserted (an
+        inline exit does not pass through VM entry by itself)."""
+        assert self.platform is not None
+        if vcpu.host_timer is not None:
+            vcpu.host_timer.arm(self.next_timer_deadline_ns())
+        with self.platform.lock:
+            pending = self.platform.pic.has_interrupt()
+        if pending:
+            vcpu.request_interrupt_check()
 
     def _ioreq_extra(self) -> dict | None:
         assert self.ioreq is not None
@@ -153,8 +174,9 @@ class Hypervisor:
                 vector = platform.pic.inta()
             vcpu.controls.interrupt_window_exiting = False
             vcpu.vmcs.vmwrite(V.VM_ENTRY_INTR_INFO_FIELD, V.intr_info(vector, V.INTR_TYPE_EXTERNAL))
-        else:
+        elif not vcpu.controls.interrupt_window_exiting:
             vcpu.controls.interrupt_window_exiting = True
+            vcpu.window_budget = WINDOW_STEPS
 
     def _interrupt_window(self, vcpu: Vcpu, x: ExitInfo) -> None:
         """The guest can take interrupts again: the next VM entry injects (check_interrupts)."""

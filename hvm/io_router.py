@@ -63,7 +63,6 @@ class IoRouter:
             self.ioreq.buffered_write(IOREQ_TYPE_PIO, port, size, value)
         else:
             value = self.ioreq.pio(port, size, direction_in, value)
-        self._check_shutdown()
         return value, DEVICE_MODEL
 
     def _pci(self, port: int, size: int, direction_in: bool, value: int) -> tuple[int, str]:
@@ -90,7 +89,6 @@ class IoRouter:
             in_ram = self.memory.contains(min(gpa, gpa + step * (count - 1)), count * size)
             if in_ram:
                 sent = self.ioreq.string_pio(port, size, direction_in, gpa, count, df)
-                self._check_shutdown()
                 if not direction_in:
                     return None, DEVICE_MODEL, sent
                 return [self.memory.read_uint(gpa + i * step, size) for i in range(count)], DEVICE_MODEL, sent
@@ -117,10 +115,11 @@ class IoRouter:
                     # Like Xen's VGA window: writes need no answer, they go buffered.
                     self.ioreq.buffered_write(IOREQ_TYPE_COPY, gpa, size, value)
                     return 0, DEVICE_MODEL
-                return self.ioreq.mmio(gpa, size, False, 0), DEVICE_MODEL
+                return self.ioreq.mmio(gpa, size, True, 0), DEVICE_MODEL
         return None
 
-    def _check_shutdown(self) -> None:
+    def check_shutdown(self) -> None:
+        """After an ioreq: did the device model ask to end the domain (the debug-exit port)?"""
         platform = self.platform
         if platform is not None and platform.shutdown.value is not None:
             value = platform.shutdown.value

@@ -19,6 +19,8 @@ from .qualification import encode_ept
 from .status import LIMIT, GuestEnded
 from .trace import TraceWriter
 
+WINDOW_STEPS = 64
+WINDOW_SLICE_US = 1000
 HOST_TIMER_VECTOR = 0xEC  # the host's local-timer vector (Linux LOCAL_TIMER_VECTOR) seen at the exit
 
 
@@ -89,6 +91,7 @@ class Vcpu:
         self.host_timer: HostTimer | None = None
         self._entry_check = False              # leave the guest to run VM entry's interrupt check
         self.interrupt_shadow = False          # the instruction after STI: interrupts still blocked
+        self.window_budget = WINDOW_STEPS      # single steps left before slicing (see _window_step)
         self._stopped_by_kick = False
         self._t0 = time.monotonic_ns() if t0_ns is None else t0_ns  # virtual time 0 (the devices' clock)
         self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
@@ -523,11 +526,19 @@ class Vcpu:
         self.engine.stop()
 
     def _window_step(self) -> None:
-        """Interrupt-window exiting: run one instruction at a time until the guest can take an
-        interrupt (IF=1 and past the STI shadow), then exit with reason 7."""
+        """Interrupt-window exiting: run until the guest can take an interrupt (IF=1 and past
+        the STI shadow), then exit with reason 7. The first WINDOW_STEPS instructions go one at
+        a time, so a short CLI section opens its window at the exact instruction; a long one
+        then runs in slices of WINDOW_SLICE_US and the window is seen at a slice boundary
+        (interrupts are asynchronous to the guest: it cannot tell)."""
         pc = self.linear_pc()
         was_sti = self.memory.contains(pc) and self.memory.read(pc, 1) == b"\xfb"
-        stop = self.engine.run(pc, count=1)
+        if self.window_budget > 0:
+            self.window_budget -= 1
+            stop = self.engine.run(pc, count=1)
+        else:
+            was_sti = False
+            stop = self.engine.run(pc, timeout_us=WINDOW_SLICE_US)
         exc = stop.hook_exception
         if exc is not None:
             raise exc

@@ -118,6 +118,14 @@ def test_data_directives_strings_and_escapes() -> None:
                           + b"ab\x00\x00\xef\xbe\xad\xde" + (1).to_bytes(8, "little"))
 
 
+def test_comments_continuations_and_incbin(tmp_path: Path) -> None:
+    (tmp_path / "blob.bin").write_bytes(bytes(range(10)))
+    (tmp_path / "main.asm").write_text("db ';', \"x;y\" ; a comment\n"
+                                       "db 1, \\\n   2\n"
+                                       "incbin \"blob.bin\", 2, 3\n")
+    assert assemble_file(tmp_path / "main.asm").code == b";x;y\x01\x02\x02\x03\x04"
+
+
 def test_times_with_data_and_instructions_dollar_is_the_line_start() -> None:
     # NASM evaluates $ once for the whole TIMES line: every copy of "jmp $" jumps to its start.
     assert code("times 3 db 7\ntimes 2 jmp $\ntimes 2 dw $\n") == \
@@ -339,6 +347,16 @@ def test_front_end_reports_a_silent_worker_at_the_source_line() -> None:
         hang.close()
 
 
+def test_a_worker_that_cannot_start_keystone_is_an_error_at_the_line() -> None:
+    broken = KeystoneWorker(argv=[sys.executable, "-c", "raise SystemExit('no keystone here')"])
+    try:
+        with pytest.raises(AsmError, match=r"^t\.asm:2: keystone worker exited without "
+                                           r"answering: no keystone here$"):
+            assemble_text("nop\nmov ax, bx\n", "t.asm", worker=broken)
+    finally:
+        broken.close()
+
+
 def test_one_keystone_batch_per_pass() -> None:
     worker = KeystoneWorker()
     try:
@@ -470,7 +488,7 @@ def test_index_only_32_bit_address_in_16_bit_code_is_refused() -> None:
 @needs_nasm
 @pytest.mark.parametrize("bits", [16, 32, 64])
 def test_zero_operand_and_string_instructions_match_nasm(bits: int, tmp_path: Path) -> None:
-    from hvm.nasm_insn import ALL, STRING_OPS, ZERO_OPERAND
+    from hvm.nasm_tables import ALL, STRING_OPS, ZERO_OPERAND
     names = [m for m, (_, _, modes) in ZERO_OPERAND.items() if bits in modes]
     names += [m for m in STRING_OPS if bits == 64 or not m.endswith("q")]
     names += ["rep movsb", "repne scasb", "a32 lodsb", "o32 ret", "o16 iret", "rep ret"]

@@ -57,7 +57,7 @@ def test_console_library_assembles_in_every_mode_like_nasm(bits: int, tmp_path: 
     assert ours.code == nasm_bin(src, tmp_path / "out.bin")
 
 
-def test_include_files_open_with_a_header_comment() -> None:
-    for inc in sorted(GUESTS.glob("**/*.inc")):
+def test_library_include_files_open_with_a_header_comment() -> None:
+    for inc in (GUESTS / "lib" / "console.inc", GUESTS / "lib" / "ports.inc"):
         first = inc.read_text().splitlines()[0]
         assert first.startswith(f"; {inc.name} - "), inc
