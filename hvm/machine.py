@@ -19,6 +19,7 @@ from .controls import ExecutionControls
 from .cpuid import hvmlab_cpu
 from .engine import Engine
 from .evtchn import make_interdomain_pair
+from .host_timer import HostTimer
 from .hypervisor import Hypervisor
 from .ioreq import SharedIoPage
 from .ioreq_client import IoreqClient
@@ -136,6 +137,7 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
             _map_mmio(engine, vcpu, platform)
             boot(engine, memory, image.bits, image.entry)
             platform.router.on_intr = vcpu.request_interrupt_check
+            vcpu.host_timer = holder["host_timer"] = HostTimer(clock, vcpu.timer_fired)
             holder["vcpu"] = vcpu
             ready.set()
             holder["ending"] = vcpu.run(hv.wait_for_interrupt)
@@ -149,21 +151,14 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
     hv.deadline = start + options.timeout_s if options.timeout_s else None
     server.start()
     thread = threading.Thread(target=vcpu_thread, name="vcpu0", daemon=True)
-    host_timer = None
     try:
         thread.start()
         ready.wait()
-        vcpu = holder.get("vcpu")
-        if vcpu is not None:
-            from .host_timer import HostTimer
-
-            host_timer = HostTimer(clock, vcpu.timer_fired)
-            vcpu.host_timer = host_timer
         _supervise(thread, holder, hv)
     finally:
         wall = time.monotonic() - start
-        if host_timer is not None:
-            host_timer.stop()
+        if "host_timer" in holder:
+            holder["host_timer"].stop()
         server.stop()
         platform.close()
     return _result(image, options, holder, hv, platform, ioreq, console, serial, tracer, wall)

@@ -295,13 +295,13 @@ org 0x7c00
     mov word [8 * 4 + 2], 0
     mov al, 0x30           ; channel 0, lobyte/hibyte, mode 0: one interrupt at terminal count
     out 0x43, al
-    mov ax, 1193
+    mov ax, 119            ; 0.1 ms
     out 0x40, al
     mov al, ah
     out 0x40, al
     mov al, 0xfe
     out 0x21, al
-    mov ecx, 3000000       ; a few milliseconds with IF=0: the tick stays pending
+    mov ecx, 30000000      ; tens of milliseconds with IF=0: the interrupt stays pending
 .spin:
     dec ecx
     jnz .spin
