@@ -19,7 +19,7 @@ from .qualification import encode_ept
 from .status import LIMIT, GuestEnded
 from .trace import TraceWriter
 
-WINDOW_STEPS = 64
+WINDOW_STEPS = 20000  # ~4 us each: up to ~80 ms of exact stepping before slicing
 WINDOW_SLICE_US = 1000
 HOST_TIMER_VECTOR = 0xEC  # the host's local-timer vector (Linux LOCAL_TIMER_VECTOR) seen at the exit
 
