@@ -1,0 +1,301 @@
+; ne2000: brings up the NE2000 ISA card at 0x300 as the DP8390 datasheet says and sends one
+; Ethernet frame, polling (IRQ 9 stays unused).
+; It resets the card (read then write the reset port 0x31F, wait for ISR.RST), stops the NIC,
+; sets word-wide DMA, clears the remote byte count, receives in monitor mode and transmits in
+; internal loopback while it sets up the ring, reads the station address from the PROM by
+; remote DMA, loads PAR0-5 and CURR, starts, and leaves loopback. The frame: broadcast
+; destination, the card's MAC as source, ethertype 0x88B5 (IEEE local experimental), payload
+; "hello from ne2000", padded to 60 bytes; remote-DMA written to the transmit page, sent with
+; TPSR/TBCR and CR.TXP, and done when ISR.PTX rises. Halts with IF=0 (status 0).
+bits 16
+org 0x7c00
+
+%include "lib/ports.inc"
+
+NE_BASE         equ 0x300
+NE_CR           equ NE_BASE + 0x00      ; command register, every page
+NE_PSTART       equ NE_BASE + 0x01      ; page 0 (write)
+NE_PSTOP        equ NE_BASE + 0x02
+NE_BNRY         equ NE_BASE + 0x03
+NE_TPSR         equ NE_BASE + 0x04
+NE_TSR          equ NE_BASE + 0x04      ; page 0 (read)
+NE_TBCR0        equ NE_BASE + 0x05
+NE_TBCR1        equ NE_BASE + 0x06
+NE_ISR          equ NE_BASE + 0x07
+NE_RSAR0        equ NE_BASE + 0x08
+NE_RSAR1        equ NE_BASE + 0x09
+NE_RBCR0        equ NE_BASE + 0x0A
+NE_RBCR1        equ NE_BASE + 0x0B
+NE_RCR          equ NE_BASE + 0x0C
+NE_TCR          equ NE_BASE + 0x0D
+NE_DCR          equ NE_BASE + 0x0E
+NE_IMR          equ NE_BASE + 0x0F
+NE_PAR0         equ NE_BASE + 0x01      ; page 1
+NE_CURR         equ NE_BASE + 0x07
+NE_DATA         equ NE_BASE + 0x10      ; the ASIC's remote DMA window
+NE_RESET        equ NE_BASE + 0x1F
+
+CR_STP          equ 0x01
+CR_STA          equ 0x02
+CR_TXP          equ 0x04
+CR_RD_READ      equ 0x08
+CR_RD_WRITE     equ 0x10
+CR_RD_ABORT     equ 0x20
+CR_PAGE1        equ 0x40
+ISR_PTX         equ 0x02
+ISR_TXE         equ 0x08
+ISR_RDC         equ 0x40
+ISR_RST         equ 0x80
+DCR_WORD        equ 0x49                ; WTS word transfers, LS normal (not loopback), FIFO 8 bytes
+RCR_MONITOR     equ 0x20                ; check addresses, store nothing
+RCR_BROADCAST   equ 0x04                ; accept broadcast frames, once running
+TCR_LOOPBACK    equ 0x02                ; internal loopback (LB0)
+TCR_NORMAL      equ 0x00
+TX_PAGE         equ 0x40                ; the first 256-byte page of the 16 KiB buffer RAM
+RX_START        equ 0x46                ; receive ring after 6 transmit pages (a full frame)
+RX_STOP         equ 0x80
+FRAME_LEN       equ 60                  ; the shortest Ethernet frame without its FCS
+POLL_LIMIT      equ 0xFFFF
+
+start:
+    cli
+    cld
+    xor ax, ax
+    mov ds, ax
+    mov es, ax
+
+    ; Reset: reading the reset port pulses RESET, writing the value back ends it; the NIC
+    ; reports the stopped state with ISR.RST.
+    mov dx, NE_RESET
+    in al, dx
+    out dx, al
+    mov dx, NE_ISR
+    mov cx, POLL_LIMIT
+.reset:
+    in al, dx
+    test al, ISR_RST
+    jnz .was_reset
+    dec cx
+    jnz .reset
+    mov esi, no_card
+    jmp fail
+.was_reset:
+
+    ; The DP8390 initialization sequence, in the datasheet's order.
+    mov dx, NE_CR
+    mov al, CR_RD_ABORT | CR_STP        ; page 0, no remote DMA, stopped
+    out dx, al
+    mov dx, NE_DCR
+    mov al, DCR_WORD
+    out dx, al
+    xor al, al
+    mov dx, NE_RBCR0
+    out dx, al
+    mov dx, NE_RBCR1
+    out dx, al
+    mov dx, NE_RCR
+    mov al, RCR_MONITOR
+    out dx, al
+    mov dx, NE_TCR
+    mov al, TCR_LOOPBACK
+    out dx, al
+    mov dx, NE_TPSR
+    mov al, TX_PAGE
+    out dx, al
+    mov dx, NE_PSTART
+    mov al, RX_START
+    out dx, al
+    mov dx, NE_BNRY
+    out dx, al
+    mov dx, NE_PSTOP
+    mov al, RX_STOP
+    out dx, al
+    mov dx, NE_ISR
+    mov al, 0xFF                        ; write 1s: clear every status bit
+    out dx, al
+    mov dx, NE_IMR
+    xor al, al                          ; no interrupts: IRQ 9 stays quiet, ISR is polled
+    out dx, al
+
+    ; The station address PROM through remote DMA: 32 bytes from card address 0, each
+    ; PROM byte doubled on the 16-bit card, so the MAC is the low byte of words 0-5.
+    mov bx, 0
+    mov cx, 32
+    call remote_setup
+    mov dx, NE_CR
+    mov al, CR_RD_READ | CR_STA         ; started, but looped back and storing nothing
+    out dx, al
+    mov dx, NE_DATA
+    mov di, prom
+    mov cx, 16
+    rep insw
+    call remote_done
+    jc fail
+    mov esi, bad_prom
+    cmp word [prom + 28], 0x5757        ; bytes 14 and 15: 'W' 'W', a 16-bit NE2000
+    jne fail
+    mov si, prom
+    mov di, mac
+    mov cx, 6
+.mac:
+    lodsw
+    stosb
+    dec cx
+    jnz .mac
+
+    ; Page 1: the physical address the receiver matches, and CURR, the first page it fills.
+    mov dx, NE_CR
+    mov al, CR_PAGE1 | CR_RD_ABORT | CR_STP
+    out dx, al
+    mov si, mac
+    mov dx, NE_PAR0
+    mov cx, 6
+.par:
+    lodsb
+    out dx, al
+    inc dx
+    dec cx
+    jnz .par
+    mov dx, NE_CURR
+    mov al, RX_START + 1
+    out dx, al
+    ; Start on page 0, then leave loopback: frames now go on the wire.
+    mov dx, NE_CR
+    mov al, CR_RD_ABORT | CR_STA
+    out dx, al
+    mov dx, NE_TCR
+    mov al, TCR_NORMAL
+    out dx, al
+    mov dx, NE_RCR
+    mov al, RCR_BROADCAST
+    out dx, al
+
+    mov esi, mac_text
+    call puts
+    mov si, mac
+    mov cx, 6
+.print_mac:
+    lodsb
+    call puthex8
+    dec cx
+    jz .mac_done
+    mov al, ':'
+    call putc
+    jmp .print_mac
+.mac_done:
+    mov al, 10
+    call putc
+
+    ; The frame: destination, source, ethertype, payload, zero padding.
+    mov di, frame + 6
+    mov si, mac
+    mov cx, 6
+    rep movsb
+
+    ; Remote DMA write of the frame into the transmit page.
+    mov bx, TX_PAGE << 8
+    mov cx, FRAME_LEN
+    call remote_setup
+    mov dx, NE_CR
+    mov al, CR_RD_WRITE | CR_STA
+    out dx, al
+    mov dx, NE_DATA
+    mov si, frame
+    mov cx, FRAME_LEN / 2
+    rep outsw
+    call remote_done
+    jc fail
+
+    ; Transmit: start page, byte count, then TXP; PTX (or TXE) says it is over.
+    mov dx, NE_TPSR
+    mov al, TX_PAGE
+    out dx, al
+    mov dx, NE_TBCR0
+    mov al, FRAME_LEN & 0xFF
+    out dx, al
+    mov dx, NE_TBCR1
+    mov al, FRAME_LEN >> 8
+    out dx, al
+    mov dx, NE_CR
+    mov al, CR_RD_ABORT | CR_TXP | CR_STA
+    out dx, al
+    mov dx, NE_ISR
+    mov cx, POLL_LIMIT
+.wait_tx:
+    in al, dx
+    test al, ISR_PTX | ISR_TXE
+    jnz .tx_over
+    dec cx
+    jnz .wait_tx
+    mov esi, no_ptx
+    jmp fail
+.tx_over:
+    mov bl, al
+    mov al, ISR_PTX | ISR_TXE
+    out dx, al                          ; acknowledge
+    mov esi, tx_error
+    test bl, ISR_TXE
+    jnz fail
+    mov esi, sent_text
+    call puts
+    jmp test_success
+
+; remote_setup: remote DMA of CX bytes at card address BX (RSAR, RBCR); ISR.RDC cleared.
+remote_setup:
+    mov dx, NE_ISR
+    mov al, ISR_RDC
+    out dx, al
+    mov dx, NE_RSAR0
+    mov al, bl
+    out dx, al
+    mov dx, NE_RSAR1
+    mov al, bh
+    out dx, al
+    mov dx, NE_RBCR0
+    mov al, cl
+    out dx, al
+    mov dx, NE_RBCR1
+    mov al, ch
+    out dx, al
+    ret
+
+; remote_done: wait for ISR.RDC (the byte count reached 0), acknowledge it. CF set and
+; ESI = the reason if it never comes.
+remote_done:
+    mov dx, NE_ISR
+    mov cx, POLL_LIMIT
+.poll:
+    in al, dx
+    test al, ISR_RDC
+    jnz .done
+    dec cx
+    jnz .poll
+    mov esi, no_rdc
+    stc
+    ret
+.done:
+    mov al, ISR_RDC
+    out dx, al
+    clc
+    ret
+
+fail:
+    jmp test_failure
+
+prom:       times 32 db 0
+mac:        times 6 db 0
+frame:      db 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF  ; broadcast
+            times 6 db 0                        ; our MAC, filled in
+            db 0x88, 0xB5                       ; ethertype, big-endian on the wire
+            db "hello from ne2000"
+            times FRAME_LEN - ($ - frame) db 0
+mac_text:   db "NE2000 at 0x300: station address ", 0
+sent_text:  db "sent a 60-byte broadcast frame, ethertype 88b5: hello from ne2000", 10, 0
+no_card:    db "no NE2000 at 0x300: ISR.RST never set after a reset", 0
+bad_prom:   db "the PROM lacks the NE2000 signature 57 57 in bytes 14-15", 0
+no_rdc:     db "remote DMA never completed (ISR.RDC)", 0
+no_ptx:     db "the transmission never completed (ISR.PTX)", 0
+tx_error:   db "the transmission failed (ISR.TXE)", 0
+
+%include "lib/format.inc"
+%include "lib/xtf.inc"
