@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from devicemodel.server import DeviceModelError, IoreqServer, IoreqTimeout, send_ioreq
 
 from .bufioreq import BufferedIoPage
-from .evtchn import EventChannel
+from .evtchn import EventChannel, EventChannelError
 from .ioreq import (
     IOREQ_READ,
     IOREQ_TYPE_COPY,
@@ -16,6 +17,7 @@ from .ioreq import (
     IOREQ_TYPE_PIO,
     IOREQ_WRITE,
     STATE_IOREQ_READY,
+    STATE_IORESP_READY,
     IoReq,
     SharedIoPage,
 )
@@ -97,7 +99,48 @@ class IoreqClient:
         if len(self.records) > 4096:
             del self.records[:2048]
 
+    def _send_fast(self, addr: int, data: int, size: int, direction_in: bool, type_: int) -> int:
+        """One plain (count 1, no pointer) ioreq without building IoReq objects: the hot path of
+        every device-model port access. Same protocol and errors as send()."""
+        page, port, vcpu = self.page, self.port, self.vcpu_id
+        try:
+            page.post_fields(vcpu, addr, 0 if direction_in else data, 1, size, port.port, False,
+                             IOREQ_READ if direction_in else IOREQ_WRITE, False, type_)
+            port.notify()
+            deadline = 0.0
+            while True:
+                if page.state(vcpu) == STATE_IORESP_READY:
+                    value = page.read_data(vcpu)
+                    page.set_state(vcpu, 0)
+                    break
+                if port.peer_closed or (deadline and time.monotonic() >= deadline):
+                    raise self._failure(addr, size, direction_in, type_)
+                if not deadline:
+                    deadline = time.monotonic() + self.timeout_s
+                port.wait(max(0.0, deadline - time.monotonic()))
+        except EventChannelError:
+            raise self._failure(addr, size, direction_in, type_) from None
+        self.ioreqs += 1
+        name = TYPE_NAMES.get(type_, str(type_))
+        self.by_type[name] = self.by_type.get(name, 0) + 1
+        return value
+
+    def _failure(self, addr: int, size: int, direction_in: bool, type_: int) -> GuestEnded:
+        kind = TYPE_NAMES.get(type_, str(type_))
+        what = f"{kind} {'read' if direction_in else 'write'} addr={addr:#x} size={size}"
+        if self.port.peer_closed or self.port.closed:
+            why = f"the device model closed its end of event channel port {self.port.port} while {what} was pending"
+            if self.server is not None and self.server.error is not None:
+                why += f" ({type(self.server.error).__name__}: {self.server.error})"
+        else:
+            state = self.page.state(self.vcpu_id)
+            why = (f"no answer from the device model within {self.timeout_s:g} s for {what}; slot is "
+                   f"{'STATE_IOREQ_READY (nobody picked it up)' if state == 1 else 'STATE_IOREQ_INPROCESS (taken, never answered)'}")
+        return GuestEnded("error", INTERNAL, f"device model failed: vCPU {self.vcpu_id}: {why}")
+
     def pio(self, port: int, size: int, direction_in: bool, data: int) -> int:
+        if not self.keep_records:
+            return self._send_fast(port, data, size, direction_in, IOREQ_TYPE_PIO)
         return self.send(IoReq(addr=port, data=0 if direction_in else data, count=1, size=size,
                                vp_eport=0, state=0, data_is_ptr=False,
                                dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,

@@ -73,6 +73,7 @@ class Vcpu:
         self.exits = 0
         self._by_reason = [0] * 80  # indexed by basic exit reason
         self.direct_port_accesses = 0
+        self.spurious_debug_traps = 0
         self.bits = engine.bits
         self._io_exit_cache: dict[int, bool] = {}  # port | size << 16 -> exits? (from the bitmaps)
         self._pc = engine.pc_reader()
@@ -374,6 +375,12 @@ class Vcpu:
         INT n / INT3 / INTO (RIP after it). Handled after Unicorn returns, where RIP/CS are exact."""
         pc = self.linear_pc()
         mem = self.memory
+        if vector == 1 and not self.engine.reg(Reg.EFLAGS) & (1 << 8) and not (
+                mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xf1"):
+            # Unicorn reports a debug trap of its own when a stop request meets a single step;
+            # the guest neither set TF nor executed INT1: nothing happened in the guest.
+            self.spurious_debug_traps += 1
+            return
         soft = ((vector == 3 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xcc")
                 or (vector == 4 and mem.contains(pc - 1) and mem.read(pc - 1, 1) == b"\xce")
                 or (mem.contains(pc - 2, 2) and mem.read(pc - 2, 2) == bytes((0xCD, vector))))
