@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -93,6 +94,10 @@ def _timed_run(source: str, n: int, trace: Path | None = None) -> float:
     return elapsed
 
 
+def _run_guest_loop(source: str, n: int) -> float:
+    return _timed_run(source, n)
+
+
 def _per_item(measure: Callable[[int], float], n: int) -> tuple[float, float, float]:
     """Seconds per item from the difference of runs with 2n and n items (fixed costs cancel);
     median, min and max over REPEATS."""
@@ -150,7 +155,8 @@ def bench_ioreq(ios: int, as_json: bool) -> int:
             if fn is not None:
                 record(key, label, _per_item(fn, n))
             else:
-                record(key, label, _per_item(lambda k, src=source: _timed_run(src, k), n))
+                assert source is not None
+                record(key, label, _per_item(functools.partial(_run_guest_loop, source), n))
     floor = figures["floor"]["median"]
     ratios = {"dm_round_trip_vs_floor": figures["dm_in"]["median"] / floor,
               "buffered_write_vs_round_trip": figures["buffered_write"]["median"] / figures["dm_out"]["median"]}
