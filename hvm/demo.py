@@ -23,6 +23,9 @@ TOUR: tuple[tuple[str, dict[str, Any], str], ...] = (
     ("long_hello", {}, "Long mode with identity-mapped page tables built by the loader."),
     ("cpuid", {}, "CPUID exits (reason 10): the hypervisor leaf 0x40000000 says XenVMMXenVMM."),
     ("vmcall", {}, "VMCALL exits (reason 18): Xen hypercalls xen_version and console_io."),
+    ("uart", {}, "COM1 is the device model's: each access is an ioreq on the shared I/O page, "
+                 "served by the device-model thread blocked in poll()."),
+    ("pit", {}, "The PIT is the hypervisor's: ten IRQ0s injected at VM entry, HLT between them."),
     ("pass_through", {"pass_through": [0x80]},
      "With port 0x80 cleared in I/O bitmap A, POST-code writes no longer exit."),
     ("fault", {}, "UD2 without an IDT: EXCEPTION_NMI (vector 6), delivery fails, TRIPLE_FAULT."),
@@ -57,14 +60,18 @@ def demo(out: Path) -> int:
         for line in result.console.splitlines():
             console.print(Text.assemble(("  guest> ", "green"), line))
         console.print(f"  {_row(result)}", highlight=False)
+        if result.ioreqs:
+            console.print(f"  {result.ioreqs} ioreqs to the device model: {result.ioreqs_by_type}", highlight=False)
+        if result.interrupts_injected:
+            console.print(f"  {result.interrupts_injected} interrupts injected", highlight=False)
         if name == "string_io":
             first = next(read_trace(trace))
             q = decode_io(first["qualification"])
             console.print(f"  first exit: qualification {first['qualification']:#010x} = port {q.port:#x}, "
                           f"string={q.string}, rep={q.rep}; {first['count']} bytes from guest linear "
                           f"address {first.get('linear_address', 0):#x}", highlight=False)
-    console.rule("[bold]trace summary of the cpuid guest (hvmlab trace summary)")
-    render_summary(summarize(read_trace(traces["cpuid"])), console)
+    console.rule("[bold]trace summary of the uart guest (hvmlab trace summary)")
+    render_summary(summarize(read_trace(traces["uart"])), console)
     console.print(f"\nTraces are in {out}/ (one JSON object per exit). Try:\n"
                   f"  hvmlab trace summary {out}/hello.trace.jsonl\n"
                   f"  hvmlab trace export {out}/hello.trace.jsonl --format perfetto -o hello.perfetto.json\n"
