@@ -206,6 +206,12 @@ class IoreqServer:
                                               t_wake, t_fetched, t_done))
         self.ports[vcpu].notify()
 
+    def drain_buffered(self) -> None:
+        """Apply what is left in the buffered page (after stop(), when the guest has ended)."""
+        if self.running:
+            raise RuntimeError("drain_buffered() is for a stopped server; the thread drains it itself")
+        self._drain_buffered()
+
     def _drain_buffered(self) -> None:
         if self.bufpage is None:
             return

@@ -12,15 +12,20 @@ class ConsoleSink:
         self._stream = stream
         self._limit = limit
         self.data = bytearray()
+        self._room = limit
         self.dropped = 0
 
     def __call__(self, data: bytes) -> None:
-        if len(self.data) + len(data) <= self._limit:
+        n = len(data)
+        room = self._room
+        if n <= room:
             self.data += data
-        else:
-            room = max(0, self._limit - len(self.data))
-            self.data += data[:room]
-            self.dropped += len(data) - room
+            self._room = room - n
+        else:  # keep what fits; count the rest (a guest printing forever must not eat memory)
+            if room:
+                self.data += data[:room]
+                self._room = 0
+            self.dropped += n - room
         if self._stream is not None:
             self._stream.write(data)
             if b"\n" in data:

@@ -160,6 +160,9 @@ def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = No
         if "host_timer" in holder:
             holder["host_timer"].stop()
         server.stop()
+        # Buffered writes the device model had not yet taken when the guest ended are still
+        # in the page: apply them now, in order (what a guest wrote is never lost).
+        server.drain_buffered()
         platform.close()
     return _result(image, options, holder, hv, platform, ioreq, console, serial, tracer, wall)
 

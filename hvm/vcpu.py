@@ -80,9 +80,12 @@ class Vcpu:
         self._ram = memory.ram
         self._io_handler = hypervisor.exit_table()[R.IO_INSTRUCTION]
         self._record_exit = self.vmcs.record_exit
+        # Anyone looking at each exit (trace, --dump-vmcs, --max-exits)? If not, the hot path
+        # skips filling the parts of ExitInfo only they read.
+        self._observed = tracer is not None or dump_at is not None or max_exits is not None
         self._pc_reg = Reg.RIP if self.bits == 64 else Reg.EIP
         self._disasm = Disassembler(self.bits)
-        self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str]] = {}
+        self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str, int]] = {}
         self._string: tuple[int, int, list[int] | None] | None = None  # (pc, elements left, IN values)
         self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
@@ -93,7 +96,7 @@ class Vcpu:
         self._entry_check = False              # leave the guest to run VM entry's interrupt check
         self.interrupt_shadow = False          # the instruction after STI: interrupts still blocked
         self.window_budget = WINDOW_STEPS      # single steps left before slicing (see _window_step)
-        self._stopped_by_kick = False
+        self.out_hook = self._make_out_hook()
         self._t0 = time.monotonic_ns() if t0_ns is None else t0_ns  # virtual time 0 (the devices' clock)
         self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
 
@@ -192,7 +195,7 @@ class Vcpu:
         return self._disasm.json_text(pc, code)
 
     # -- I/O instructions ------------------------------------------------------------------------
-    def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str]:
+    def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str, int]:
         code = self.memory.read(pc, min(15, self.memory.size - pc))
         try:
             io = decode_io(code, self.bits)
@@ -200,66 +203,83 @@ class Vcpu:
             io = IoInstruction(1, False, False, False, False, 1, 16, "ds", None)
         qual_base = ((io.size - 1) | (8 if io.direction_in else 0) | (16 if io.string else 0)
                      | (32 if io.rep else 0) | (64 if io.immediate else 0))
-        entry = (code[:io.length], io, qual_base, self._disasm.json_text(pc, code))
+        entry = (code[:io.length], io, qual_base, self._disasm.json_text(pc, code), io.length)
         self._io_cache[pc] = entry
         return entry
 
-    def out_hook(self, _uc: object, port: int, size: int, value: int, _ud: object) -> None:
-        """Unicorn's OUT hook itself (raw C signature): the hot path of every port write, kept
-        flat on purpose. It guards itself so no exception can escape into C."""
-        try:
-            if self._ending is not None:
-                return
-            pc = self._pc()
-            string = self._string
-            if string is not None and string[0] == pc:
-                self._string_step()
-                return
-            hit = self._io_cache.get(pc)
-            if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
-                hit = self._io_decode(pc)
-            io = hit[1]
-            exits = self._io_exit_cache.get(port | size << 16)
-            if exits is None:
-                exits = self._io_exits(port, size)
-            if not exits:
-                self.direct_port_accesses += 1
-                self.hv.io_direct(self, port, size, False, value)
-                return
-            if io.string:
-                self._string_exit(pc, port, size, io, hit[2], hit[3], None)
-                return
-            # The VM exit: what _record does, inlined (this is the most frequent exit there is).
-            x = self.exit
-            qualification = hit[2] | (port << 16)
-            tracer = self.tracer
-            if tracer is not None:
-                x.t_ns = time.monotonic_ns() - self._t0
-            x.seq = self.exits
-            x.reason = 30
-            x.qualification = qualification
-            x.length = io.length
-            x.rip = pc
-            x.handled_by = "hypervisor"
-            x.extra = None
-            self._record_exit(30, qualification, io.length)
-            self.exits += 1
-            self._by_reason[30] += 1
-            x.port = port
-            x.size = size
-            x.direction_in = x.string = x.rep = False
-            x.count = 1
-            x.data = value
-            x.insn_json = hit[3]
+    def _make_out_hook(self) -> Callable[[object, int, int, int, object], None]:
+        """Unicorn's OUT hook itself (raw C signature): the hot path of every port write. It is
+        a closure over what it needs, so each exit costs as few Python lookups as possible,
+        and it guards itself so no exception can escape into C."""
+        pc_of = self._pc
+        ram = self._ram
+        io_cache = self._io_cache
+        exit_cache = self._io_exit_cache
+        record_exit = self._record_exit
+        by_reason = self._by_reason
+        x = self.exit
+        io_handler = self._io_handler
+        out_tuple = "out"
+
+        def out_hook(_uc: object, port: int, size: int, value: int, _ud: object) -> None:
             try:
-                self._io_handler(self, x)
-            except GuestEnded:
-                self._finish(x, (port, size, "out", False, False, 1, value), check_limit=False)
-                raise
-            if tracer is not None or self.dump_at is not None or self.max_exits is not None:
-                self._finish(x, (port, size, "out", False, False, 1, value))
-        except BaseException as exc:  # noqa: BLE001 - never let an exception unwind into Unicorn
-            self.engine.fail(exc)
+                if self._ending is not None:
+                    return
+                pc = pc_of()
+                string = self._string
+                if string is not None and string[0] == pc:
+                    self._string_step()
+                    return
+                hit = io_cache.get(pc)
+                if hit is None or ram[pc:pc + hit[4]] != hit[0]:  # new or self-modified code
+                    hit = self._io_decode(pc)
+                io = hit[1]
+                exits = exit_cache.get(port | size << 16)
+                if exits is None:
+                    exits = self._io_exits(port, size)
+                if not exits:
+                    self.direct_port_accesses += 1
+                    self.hv.io_direct(self, port, size, False, value)
+                    return
+                if io.string:
+                    self._string_exit(pc, port, size, io, hit[2], hit[3], None)
+                    return
+                # The VM exit: the VMCS always gets the exit information; ExitInfo gets what
+                # the handler reads, and the rest only when someone looks (trace, dump, limit).
+                qualification = hit[2] | (port << 16)
+                record_exit(30, qualification, hit[4])
+                self.exits += 1
+                by_reason[30] += 1
+                x.port = port
+                x.size = size
+                x.direction_in = x.string = False
+                x.data = value
+                x.handled_by = "hypervisor"
+                x.extra = None
+                if not self._observed:
+                    io_handler(self, x)
+                    return
+                if self.tracer is not None:
+                    x.t_ns = time.monotonic_ns() - self._t0
+                x.seq = self.exits - 1
+                x.reason = 30
+                x.qualification = qualification
+                x.length = hit[4]
+                x.rip = pc
+                x.rep = False
+                x.count = 1
+                x.insn_json = hit[3]
+                io_record = (port, size, out_tuple, False, False, 1, value)
+                try:
+                    io_handler(self, x)
+                except GuestEnded:
+                    self._finish(x, io_record, check_limit=False)
+                    raise
+                self._finish(x, io_record)
+            except BaseException as exc:  # noqa: BLE001 - never let an exception unwind into Unicorn
+                self.engine.fail(exc)
+
+        return out_hook
 
     def on_out(self, port: int, size: int, value: int) -> None:
         self.out_hook(None, port, size, value, None)
@@ -272,9 +292,9 @@ class Vcpu:
         if string is not None and string[0] == pc:
             return self._string_step()
         hit = self._io_cache.get(pc)
-        if hit is None or self._ram[pc:pc + len(hit[0])] != hit[0]:
+        if hit is None or self._ram[pc:pc + hit[4]] != hit[0]:
             hit = self._io_decode(pc)
-        code, io, qual_base, insn_json = hit
+        code, io, qual_base, insn_json, _length = hit
         mask = (1 << (8 * size)) - 1
         if not self._io_exits(port, size):
             self.direct_port_accesses += 1

@@ -337,3 +337,22 @@ def test_ioreq_bytes_are_xens_layout(tmp_path, run_guest):
     raw = bytes.fromhex([r for r in records if r["handled_by"] == "device-model"][0]["ioreq"]["hex"])
     addr, data, count, size, eport, _pad, flags, kind = struct.unpack("<QQIIIHBB", raw)
     assert (addr, data, count, size, flags & 0xF, flags >> 5 & 1, kind) == (0x3FF, 0x5A, 1, 1, 1, 0, 0)
+
+
+def test_port_accesses_that_wrap_past_0xffff_are_harmless(tmp_path, run_guest):
+    src = asm(tmp_path, "edge.asm", """bits 32
+org 0x100000
+    cli
+    mov dx, 0xfffe
+    in eax, dx
+    out dx, eax
+    mov dx, 0xffff
+    in ax, dx
+    mov al, 'k'
+    out 0xe9, al
+    hlt
+""")
+    for placement in ("xen", "all-dm"):
+        result, records = run_guest(src, placement=placement)
+        assert result.console == "k" and result.exit_status == 0
+        assert records[0]["data"] == 0xFFFF_FFFF  # nothing answers there: all ones
