@@ -38,7 +38,13 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line and status 2."""
+    """argparse, but a bad option is one line and status 2, and every --help ends with the
+    exit statuses."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("epilog", STATUS_HELP)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(status.BAD_INPUT, f"hvmlab: error: {message} (see '{self.prog} --help')\n")
