@@ -281,10 +281,8 @@ class Engine:
                 read(h, eip, ref32)
                 return (base + (buf32.value & 0xFFFF)) & 0xF_FFFF
             return pc16
-        if self.bits == 64:
-            buf = ctypes.c_uint64()
-        else:
-            buf = ctypes.c_uint32()  # EIP fills all 4 bytes: no stale upper half to clear
+        # EIP fills all 4 bytes of a 32-bit buffer: no stale upper half to clear first.
+        buf: ctypes.c_uint64 | ctypes.c_uint32 = ctypes.c_uint64() if self.bits == 64 else ctypes.c_uint32()
         ref = ctypes.byref(buf)
         reg = ctypes.c_int(int(Reg.RIP if self.bits == 64 else Reg.EIP))
 
