@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,82 +90,116 @@ class RunResult:
         return out
 
 
-def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = None,
-        serial: ConsoleSink | None = None) -> RunResult:
-    """Load `image`, run it to its end on a vCPU thread, and say how it went."""
-    console = console or ConsoleSink()
-    serial = serial or ConsoleSink()
-    memory = GuestMemory(options.mem)
-    place(image, memory)
-    clock = MonotonicClock()
-    try:
-        platform = build(PlatformOptions(placement=options.placement, mem=options.mem, disk=options.disk,
-                                         pcap=options.pcap, serial_in=options.serial_in,
-                                         buffered_ports=options.buffered_ports),
-                         clock, console, serial, debug_exit)
-    except PlatformError as exc:
-        raise LoadError(str(exc)) from None
-    controls = ExecutionControls(use_io_bitmaps=options.use_io_bitmaps,
-                                 unconditional_io_exiting=options.unconditional_io_exiting,
-                                 rdtsc_exiting=options.rdtsc_exiting)
-    assert controls.io_bitmaps is not None
-    for port in options.pass_through:
-        controls.io_bitmaps.set_exit(port, False)
+class HvmDomain:
+    """One HVM domain: its memory, vCPU thread, hypervisor, PC devices and device-model thread.
+    `start()` then `wait()`; `run()` below does both. Several domains can run side by side
+    (`hvmlab up`), each with its own threads."""
 
-    # The shared I/O page, the buffered page, and the event channels between this vCPU and the
-    # device model (Xen: one interdomain channel per vCPU, one for buffered ioreqs).
-    page, bufpage = SharedIoPage(), BufferedIoPage()
-    hv_end, dm_end = make_interdomain_pair(name="ioreq-vcpu0")
-    buf_hv, buf_dm = make_interdomain_pair(name="bufioreq")
-    server = IoreqServer(page, [dm_end], platform.dm, memory, bufpage, buf_dm, clock=clock)
-    ioreq = IoreqClient(0, page, hv_end, clock.now_ns, options.dm_timeout_s, bufpage, buf_hv, server)
-    ioreq.keep_records = options.keep_ioreqs or options.trace is not None
-    hv = Hypervisor(memory, console, hvmlab_cpu(), platform=platform, ioreq=ioreq, clock=clock)
-    hv.timeout_s = options.timeout_s
-    tracer = None
-    if options.trace is not None:
-        tracer = TraceWriter(options.trace, {"guest": image.name, "mode": image.mode,
-                                             "placement": options.placement})
-    holder: dict[str, Any] = {}
-    ready = threading.Event()
-
-    def vcpu_thread() -> None:
+    def __init__(self, image: GuestImage, options: RunOptions, console: ConsoleSink | None = None,
+                 serial: ConsoleSink | None = None,
+                 nic_tx: Callable[[bytes], None] | None = None) -> None:
+        self.image = image
+        self.options = options
+        self.console = console = console or ConsoleSink()
+        self.serial = serial = serial or ConsoleSink()
+        self.memory = memory = GuestMemory(options.mem)
+        place(image, memory)
+        self.clock = clock = MonotonicClock()
         try:
-            engine = Engine(image.bits, memory, holes=(VGA_HOLE,))
-            vcpu = Vcpu(0, engine, memory, controls, hv, tracer, options.max_exits, options.dump_vmcs,
-                        t0_ns=clock.origin_ns)
+            self.platform = platform = build(
+                PlatformOptions(placement=options.placement, mem=options.mem, disk=options.disk,
+                                pcap=options.pcap, serial_in=options.serial_in,
+                                buffered_ports=options.buffered_ports, nic_tx=nic_tx),
+                clock, console, serial, debug_exit)
+        except PlatformError as exc:
+            raise LoadError(str(exc)) from None
+        self.controls = controls = ExecutionControls(
+            use_io_bitmaps=options.use_io_bitmaps, unconditional_io_exiting=options.unconditional_io_exiting,
+            rdtsc_exiting=options.rdtsc_exiting)
+        assert controls.io_bitmaps is not None
+        for port in options.pass_through:
+            controls.io_bitmaps.set_exit(port, False)
+        # The shared I/O page, the buffered page, and the event channels between this vCPU and
+        # the device model (Xen: one interdomain channel per vCPU, one for buffered ioreqs).
+        page, bufpage = SharedIoPage(), BufferedIoPage()
+        hv_end, dm_end = make_interdomain_pair(name="ioreq-vcpu0")
+        buf_hv, buf_dm = make_interdomain_pair(name="bufioreq")
+        self.server = IoreqServer(page, [dm_end], platform.dm, memory, bufpage, buf_dm, clock=clock)
+        self.ioreq = IoreqClient(0, page, hv_end, clock.now_ns, options.dm_timeout_s, bufpage, buf_hv,
+                                 self.server)
+        self.ioreq.keep_records = options.keep_ioreqs or options.trace is not None
+        self.hv = Hypervisor(memory, console, hvmlab_cpu(), platform=platform, ioreq=self.ioreq, clock=clock)
+        self.hv.timeout_s = options.timeout_s
+        self.tracer: TraceWriter | None = None
+        if options.trace is not None:
+            self.tracer = TraceWriter(options.trace, {"guest": image.name, "mode": image.mode,
+                                                      "placement": options.placement})
+        self.holder: dict[str, Any] = {}
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._vcpu_thread, name=f"vcpu0-{image.name}", daemon=True)
+        self._start = 0.0
+
+    def _vcpu_thread(self) -> None:
+        holder, options, memory, platform = self.holder, self.options, self.memory, self.platform
+        try:
+            engine = Engine(self.image.bits, memory, holes=(VGA_HOLE,))
+            vcpu = Vcpu(0, engine, memory, self.controls, self.hv, self.tracer, options.max_exits,
+                        options.dump_vmcs, t0_ns=self.clock.origin_ns)
             engine.install(vcpu, options.rdtsc_exiting)
             _map_mmio(engine, vcpu, platform)
-            boot(engine, memory, image.bits, image.entry)
+            boot(engine, memory, self.image.bits, self.image.entry)
             platform.router.on_intr = vcpu.request_interrupt_check
-            vcpu.host_timer = holder["host_timer"] = HostTimer(clock, vcpu.timer_fired)
+            vcpu.host_timer = holder["host_timer"] = HostTimer(self.clock, vcpu.timer_fired)
             holder["vcpu"] = vcpu
-            ready.set()
-            holder["ending"] = vcpu.run(hv.wait_for_interrupt)
+            self._ready.set()
+            holder["ending"] = vcpu.run(self.hv.wait_for_interrupt)
         except BaseException as exc:  # noqa: BLE001 - reported as an internal failure, one line
             holder["ending"] = GuestEnded("error", INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             holder["exception"] = exc
         finally:
-            ready.set()
+            self._ready.set()
 
-    start = time.monotonic()
-    hv.deadline = start + options.timeout_s if options.timeout_s else None
-    server.start()
-    thread = threading.Thread(target=vcpu_thread, name="vcpu0", daemon=True)
-    try:
-        thread.start()
-        ready.wait()
-        _supervise(thread, holder, hv)
-    finally:
-        wall = time.monotonic() - start
-        if "host_timer" in holder:
-            holder["host_timer"].stop()
-        server.stop()
-        # Buffered writes the device model had not yet taken when the guest ended are still
-        # in the page: apply them now, in order (what a guest wrote is never lost).
-        server.drain_buffered()
-        platform.close()
-    return _result(image, options, holder, hv, platform, ioreq, console, serial, tracer, wall)
+    def start(self) -> None:
+        self._start = time.monotonic()
+        self.hv.deadline = self._start + self.options.timeout_s if self.options.timeout_s else None
+        self.server.start()
+        self._thread.start()
+        self._ready.wait()
+
+    def deliver_frame(self, frame: bytes) -> bool:
+        """A frame from the bridge for this domain's NE2000 (False: the card dropped it)."""
+        return self.platform.receive_frame(frame)
+
+    def stop(self) -> None:
+        """Ask the guest to stop as a user's Ctrl-C would (ends by `interrupted`)."""
+        self.hv.user_interrupt.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self) -> RunResult:
+        try:
+            _supervise(self._thread, self.holder, self.hv)
+        finally:
+            wall = time.monotonic() - self._start
+            if "host_timer" in self.holder:
+                self.holder["host_timer"].stop()
+            self.server.stop()
+            # Buffered writes the device model had not yet taken when the guest ended are
+            # still in the page: apply them now, in order (what a guest wrote is never lost).
+            self.server.drain_buffered()
+            self.platform.close()
+        return _result(self.image, self.options, self.holder, self.hv, self.platform, self.ioreq,
+                       self.console, self.serial, self.tracer, wall)
+
+
+def run(image: GuestImage, options: RunOptions, console: ConsoleSink | None = None,
+        serial: ConsoleSink | None = None) -> RunResult:
+    """Load `image`, run it to its end on a vCPU thread, and say how it went."""
+    domain = HvmDomain(image, options, console, serial)
+    domain.start()
+    return domain.wait()
 
 
 def _map_mmio(engine: Engine, vcpu: Vcpu, platform: Platform) -> None:

@@ -95,6 +95,7 @@ class PlatformOptions:
     pcap: Path | None = None
     serial_in: bytes | None = None
     buffered_ports: list[int] = field(default_factory=list)
+    nic_tx: Callable[[bytes], None] | None = None  # frames the NE2000 sends also go here (a bridge)
 
 
 @dataclass
@@ -119,6 +120,12 @@ class Platform:
     buffered_ports: frozenset[int]
     pci_in_hypervisor: bool          # Xen latches 0xCF8 itself and sends PCI_CONFIG ioreqs
     frames_sent: list[bytes] = field(default_factory=list)
+    nic_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def receive_frame(self, frame: bytes) -> bool:
+        """A frame for the NE2000 from outside (the bridge's thread): under the card's lock."""
+        with self.nic_lock:
+            return self.ne2000.receive(frame)
 
     def run_timers(self, now_ns: int) -> None:
         with self.lock:
@@ -138,9 +145,9 @@ class Platform:
 
 
 class _Locked:
-    """A device reached from both threads: every access under the platform lock."""
+    """A device reached from more than one thread: every access under its lock."""
 
-    def __init__(self, device: Device, lock: threading.RLock) -> None:
+    def __init__(self, device: Device, lock: threading.RLock | threading.Lock) -> None:
         self._device = device
         self._lock = lock
 
@@ -182,6 +189,8 @@ def build(options: PlatformOptions, clock: Clock, console: Callable[[bytes], Non
         if pcap is not None:
             pcap.write(frame)
             pcap.flush()
+        if options.nic_tx is not None:
+            options.nic_tx(frame)
 
     uart = Uart16550(router.line(COM1_IRQ), serial, options.serial_in)
     ide = IdeChannel(disk, router.line(IDE_IRQ))
@@ -217,13 +226,23 @@ def build(options: PlatformOptions, clock: Clock, console: Callable[[bytes], Non
     dm.map_pio(IDE_PRIMARY, 8, ide, "ide")
     dm.map_pio(IDE_CONTROL, 1, IdeControl(ide), "ide-control")
     dm.map_block_port(IDE_PRIMARY, BlockPort(ide.read_data_block, ide.write_data_block))
-    dm.map_pio(NE2000_BASE, 32, ne2000, "ne2000")
-    dm.map_block_port(NE2000_BASE + 0x10, BlockPort(ne2000.read_remote_block, ne2000.write_remote_block))
+    nic_lock = threading.Lock()  # the bridge delivers frames from its own thread
+    dm.map_pio(NE2000_BASE, 32, _Locked(ne2000, nic_lock), "ne2000")
+
+    def nic_read_block(nbytes: int) -> bytes:
+        with nic_lock:
+            return ne2000.read_remote_block(nbytes)
+
+    def nic_write_block(data: bytes) -> None:
+        with nic_lock:
+            ne2000.write_remote_block(data)
+
+    dm.map_block_port(NE2000_BASE + 0x10, BlockPort(nic_read_block, nic_write_block))
     dm.map_mmio(VGA_TEXT_BASE, VGA_WINDOW, vga, "vga-text")
     return Platform(
         placement=options.placement, hv_pio=hv_pio, dm=dm, pic=pic, router=router, lock=lock,
         timers=[pit, rtc], shutdown=shutdown, vga=vga, ide=ide, uart=uart, ne2000=ne2000,
         pcap=pcap, disk=disk, mmio_ranges=[(VGA_TEXT_BASE, VGA_WINDOW, "vga-text")],
         buffered_ports=frozenset(options.buffered_ports), pci_in_hypervisor=in_hypervisor,
-        frames_sent=frames,
+        frames_sent=frames, nic_lock=nic_lock,
     )
