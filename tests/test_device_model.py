@@ -280,7 +280,7 @@ ticks: dw 0
 """)
     result, records = run_guest(src)
     assert result.exit_status == 0 and result.interrupts_injected == 10
-    assert result.exits["HLT"] >= 11  # one per tick, and a last one with IF=0 (a host-timer wake may add one)
+    assert result.exits["HLT"] >= 2  # halts between ticks, and a last one with IF=0
 
 
 def test_interrupt_window_exit_when_an_interrupt_waits_for_sti(tmp_path, run_guest):
