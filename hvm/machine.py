@@ -28,7 +28,7 @@ from .loader import GuestImage, LoadError, place
 from .memory import GuestMemory
 from .pc import VGA_HOLE, Platform, PlatformError, PlatformOptions, build
 from .status import INTERNAL, GuestEnded, debug_exit
-from .trace import TraceWriter
+from .trace import TraceWriteError, TraceWriter
 from .vcpu import Vcpu
 
 KICK_RETRY_S = 0.05
@@ -224,7 +224,10 @@ def _result(image: GuestImage, options: RunOptions, holder: dict[str, Any], hv: 
     serial.flush()
     exits = {R.name(code): n for code, n in sorted(vcpu.exits_by_reason.items())} if vcpu else {}
     if tracer is not None:
-        tracer.close({"ended_by": ending.ended_by, "exit_status": ending.status, "exits": exits})
+        try:
+            tracer.close({"ended_by": ending.ended_by, "exit_status": ending.status, "exits": exits})
+        except TraceWriteError as exc:  # the guest's run is still reported; the trace is not whole
+            ending = GuestEnded("error", INTERNAL, f"the trace could not be written: {exc}")
     return RunResult(
         guest=image.name, mode=image.mode, ended_by=ending.ended_by, exit_status=ending.status,
         message=ending.message, console=console.text(), exits=exits,
