@@ -12,6 +12,8 @@ from . import vmcs as V
 from .controls import ExecutionControls
 from .decode import DecodeError, Disassembler, IoInstruction, decode_io
 from .engine import Engine, Reg
+from .exit_info import ExitInfo
+from .guest_state import load_guest_field
 from .host_timer import HostTimer
 from .interrupts import ERROR_CODE_VECTORS
 from .memory import GuestMemory
@@ -22,25 +24,6 @@ from .trace import TraceWriter
 WINDOW_STEPS = 20000  # ~4 us each: up to ~80 ms of exact stepping before slicing
 WINDOW_SLICE_US = 1000
 HOST_TIMER_VECTOR = 0xEC  # the host's local-timer vector (Linux LOCAL_TIMER_VECTOR) seen at the exit
-
-
-class ExitInfo:
-    """The exit being handled: what the VMCS exit-information area says, decoded for handlers.
-
-    One object per vCPU, reused for every exit (no allocation on the hot path)."""
-
-    __slots__ = ("seq", "reason", "qualification", "length", "rip", "t_ns", "port", "size",
-                 "direction_in", "string", "rep", "count", "data", "linear", "df", "handled_by",
-                 "vector", "gpa", "write", "fetch", "insn_json", "extra")
-
-    def __init__(self) -> None:
-        self.seq = self.reason = self.qualification = self.length = self.rip = self.t_ns = 0
-        self.port = self.size = self.count = self.linear = self.vector = self.gpa = 0
-        self.direction_in = self.string = self.rep = self.df = self.write = self.fetch = False
-        self.data: int | None = None
-        self.handled_by = ""
-        self.insn_json = '""'
-        self.extra: dict | None = None
 
 
 class ExitHandler(Protocol):
@@ -130,31 +113,7 @@ class Vcpu:
 
     def _guest_field(self, encoding: int) -> int | None:
         """Load one guest-state field from the CPU (the VMCS reads guest state lazily)."""
-        e = self.engine
-        simple = {V.GUEST_RIP: self._pc_reg, V.GUEST_RSP: Reg.RSP if self.bits == 64 else Reg.ESP,
-                  V.GUEST_RFLAGS: Reg.EFLAGS, V.GUEST_CR0: Reg.CR0, V.GUEST_CR3: Reg.CR3,
-                  V.GUEST_CR4: Reg.CR4, V.GUEST_DR7: Reg.DR7}
-        if encoding in simple:
-            return e.reg(simple[encoding])
-        for seg in ("es", "cs", "ss", "ds", "fs", "gs"):
-            up = seg.upper()
-            if encoding in (getattr(V, f"GUEST_{up}_SELECTOR"), getattr(V, f"GUEST_{up}_BASE"),
-                            getattr(V, f"GUEST_{up}_LIMIT"), getattr(V, f"GUEST_{up}_AR_BYTES")):
-                state = e.segment(seg)
-                self.vmcs._fields[getattr(V, f"GUEST_{up}_SELECTOR")] = state.selector
-                self.vmcs._fields[getattr(V, f"GUEST_{up}_BASE")] = state.base
-                self.vmcs._fields[getattr(V, f"GUEST_{up}_LIMIT")] = state.limit & 0xFFFF_FFFF
-                self.vmcs._fields[getattr(V, f"GUEST_{up}_AR_BYTES")] = state.flags
-                return self.vmcs._fields[encoding]
-        if encoding in (V.GUEST_GDTR_BASE, V.GUEST_GDTR_LIMIT, V.GUEST_IDTR_BASE, V.GUEST_IDTR_LIMIT):
-            which = "gdtr" if encoding in (V.GUEST_GDTR_BASE, V.GUEST_GDTR_LIMIT) else "idtr"
-            base, limit = e.table(which)
-            return base if encoding in (V.GUEST_GDTR_BASE, V.GUEST_IDTR_BASE) else limit
-        if encoding == V.GUEST_IA32_EFER:
-            return e.msr(0xC000_0080) if self.bits != 16 else 0
-        if encoding == V.GUEST_ACTIVITY_STATE:
-            return 0
-        return None
+        return load_guest_field(self.engine, self.vmcs, encoding)
 
     # -- the exit path shared by every reason ----------------------------------------------------
     def _record(self, reason: int, qualification: int, length: int, rip: int, *,
