@@ -141,6 +141,14 @@ class Engine:
         self.uc.mem_unmap(gpa, PAGE_SIZE)
         self.uc.mem_map_ptr(gpa, PAGE_SIZE, unicorn.UC_PROT_ALL, frame.address)
 
+    def take_remap_listener(self) -> Callable[[int, HostFrame], None]:
+        """Stop following GuestMemory.remap by itself; return the function that re-backs one
+        page in Unicorn, for a caller that chooses the thread it runs on. (A PV domain's
+        pages are flipped by Dom0 threads while its guest runs; Unicorn's memory map may only
+        change while this vCPU is stopped.)"""
+        self._memory._listeners = [cb for cb in self._memory._listeners if cb != self._remap]
+        return self._remap
+
     def map_mmio(self, base: int, size: int, read: Callable[[int, int], int],
                  write: Callable[[int, int, int], None]) -> None:
         """Map an MMIO range: guest loads and stores in it call read(offset, size)/write(...)."""

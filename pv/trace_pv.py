@@ -1,0 +1,74 @@
+"""PV trace records: hypercalls, event sends, upcalls, blocks and ring pushes as lines of the exit trace (hvm/trace.py format; reason codes are hvmlab's, above the SDM's basic exit reasons)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from hvm.trace import TraceWriter
+
+HYPERCALL_BASE = 256  # reason_code = 256 + hypercall number
+EVENT_SEND = 512  # an event on a port: the guest's EVTCHNOP_send ("out") or one arriving ("in")
+UPCALL = 513  # the hypervisor entered the guest's event callback
+BLOCK = 514  # SCHEDOP_block / SCHEDOP_poll / HLT: the vCPU slept until an event (or timeout)
+RING_PUSH = 515  # a backend pushed on a shared ring; the record says if it notified
+
+REASON_NAMES = {EVENT_SEND: "EVENT_SEND", UPCALL: "UPCALL", BLOCK: "BLOCK", RING_PUSH: "RING_PUSH"}
+INT_0X82 = '"int 0x82"'
+
+
+def reason_name(code: int) -> str:
+    """The trace's `reason` for a PV record code (what hvm/trace.py should print for it)."""
+    if HYPERCALL_BASE <= code < HYPERCALL_BASE + 256:
+        return "HYPERCALL"
+    return REASON_NAMES.get(code, f"UNKNOWN_{code}")
+
+
+class PvTracer:
+    """Writes PV records to a TraceWriter; callable from any thread (the vCPU threads of
+    every domain and Dom0's backend threads share one trace), so each add is under a lock.
+    Times are ns since `t0_ns` (the run's start), as for HVM exits."""
+
+    def __init__(self, writer: TraceWriter, t0_ns: int | None = None) -> None:
+        self.writer = writer
+        self.t0_ns = time.monotonic_ns() if t0_ns is None else t0_ns
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() - self.t0_ns
+
+    def record(self, code: int, *, domid: int, rip: int = 0, t_ns: int | None = None,
+               latency_ns: int = 0, vcpu: int = 0, insn_json: str = '""',
+               handled_by: str = "hypervisor", extra: dict[str, Any] | None = None) -> None:
+        fields = {"domid": domid, **(extra or {})}
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            self.writer.add((seq, self.now_ns() if t_ns is None else t_ns, vcpu, code, 0, rip,
+                             insn_json, handled_by, latency_ns, None, fields))
+
+    def hypercall(self, *, domid: int, rip: int, number: int, name: str, op: str | None,
+                  args: tuple[int, ...], result: int, t_ns: int, latency_ns: int,
+                  preempted: bool = False) -> None:
+        extra: dict[str, Any] = {"hypercall": name}
+        if op:
+            extra["op"] = op
+        extra["args"] = list(args)
+        extra["result"] = None if preempted else result
+        if preempted:
+            extra["preempted"] = True  # continued by re-entering the same hypercall
+        # numbers past 255 (no such hypercall) share the last code; "hypercall" names them
+        code = HYPERCALL_BASE + (number if 0 <= number < 256 else 255)
+        self.record(code, domid=domid, rip=rip, t_ns=t_ns,
+                    latency_ns=latency_ns, insn_json=INT_0X82, extra=extra)
+
+    def ring_push(self, *, domid: int, ring: str, prod: int, event: int, notify: bool) -> None:
+        """A backend's RING_PUSH_RESPONSES_AND_CHECK_NOTIFY: handled by Dom0, not Xen."""
+        self.record(RING_PUSH, domid=domid, handled_by="dom0",
+                    extra={"ring": ring, "prod": prod, "event": event, "notify": notify})
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        with self._lock:
+            self.writer.close(summary)
