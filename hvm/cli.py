@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--unconditional-io-exiting", action="store_true",
                      help="set 'unconditional I/O exiting' (used when I/O bitmaps are off)")
     run.add_argument("--rdtsc-exiting", action="store_true", help="RDTSC exits (reason 16); virtual TSC")
+    run.add_argument("--pv", action="store_true",
+                     help="run GUEST as a 32-bit Xen PV domain (start_info in ESI, hypercalls by int "
+                          "0x82) with Domain 0's xenstored and console backend; --disk gives it an xvda")
     run.add_argument("--placement", choices=["xen", "all-dm"], default="xen",
                      help="xen (default): PIC, PIT, RTC, PM timer and 0xE9/0xF4 in the hypervisor, "
                           "the rest in the device model; all-dm: every device in the device model")
@@ -194,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--memory-exits", type=_nonneg_int, default=1_000_000, metavar="N",
                        help="exits for the memory-growth check (default 1000000)")
 
+    up = sub.add_parser("up", help="start the domains of a machine file and run them to their end",
+                        description="Start the domains described in MACHINE.toml (xl.cfg-like: name, "
+                                    "kind hvm|pv, guest, memory, disks, vifs) with Domain 0's "
+                                    "services: xenstored, console, blkback, netback and a bridge.")
+    up.add_argument("machine", type=Path, metavar="MACHINE.toml")
+    up.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                    help="where disk images and captures named in the file live (default .)")
+    up.add_argument("--json", action="store_true", help="one JSON object with every domain's ending")
+
     abi = sub.add_parser("abi", help="sizes and offsets of the Xen structures hvmlab shares",
                          description="Every shared structure's size and field offsets (Xen public headers).")
     abi.add_argument("--json", action="store_true", help="one JSON object")
@@ -224,6 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.what == "ioreq":
                 return bench_ioreq(args.ios, args.json)
             return bench_vmexit(args.exits, args.memory_exits, args.json)
+        if args.command == "up":
+            from pv.toolstack import main_up
+
+            return main_up(args.machine, args.out, args.json)
         if args.command == "abi":
             return _abi(args)
         parser.print_help()
@@ -235,7 +251,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _run_pv(args: argparse.Namespace) -> int:
+    from devicemodel.ide_disk import DiskError
+    from pv.domain import PvOptions, run_pv
+    from pv.evtchn_echo import EvtchnEcho
+    from pv.services import ConsoleService, blk_factory
+
+    from .console import ConsoleSink
+    from .loader import LoadError, load
+
+    try:
+        image = load(args.guest, 32, args.load)
+        if args.disk is not None and not args.disk.is_file():
+            raise LoadError(f"{args.disk}: no such disk image")
+        backends: list[Any] = [EvtchnEcho.attach, ConsoleService]
+        if args.disk is not None:
+            backends.append(blk_factory(args.disk))
+        options = PvOptions(mem=args.mem, timeout_s=args.timeout or None, max_hypercalls=args.max_exits,
+                            trace=args.trace, backends=backends)
+        result = run_pv(image, options, ConsoleSink(None if args.json else sys.stdout.buffer))
+    except (LoadError, DiskError) as exc:
+        print(f"hvmlab: error: {exc}", file=sys.stderr)
+        return status.BAD_INPUT
+    if args.json:
+        print(json.dumps(result.to_json()))
+    if not args.quiet:
+        calls = ", ".join(f"{name} {n}" for name, n in result.hypercalls.items()) or "none"
+        print(f"hvmlab: {result.guest} (PV domain {result.domid}) ended by {result.ended_by}: "
+              f"{result.message}; status {result.exit_status}; {result.hypercalls_total} hypercalls "
+              f"({calls}) in {result.wall_s * 1000:.1f} ms", file=sys.stderr)
+    return result.exit_status
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.pv:
+        return _run_pv(args)
     from .console import ConsoleSink
     from .loader import LoadError, load, parse_mode
     from .machine import RunOptions, run
@@ -330,13 +380,13 @@ def _guests() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .loader import shipped_guests
+    from .loader import guest_name, shipped_guests
 
     table = Table(title="shipped guests (hvmlab run NAME)", show_lines=False)
     table.add_column("name", style="bold")
     table.add_column("what it shows")
     for path in shipped_guests():
-        table.add_row(path.stem, describe(path))
+        table.add_row(guest_name(path), describe(path))
     Console().print(table)
     return 0
 

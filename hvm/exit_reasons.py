@@ -96,8 +96,19 @@ NAMES: dict[int, str] = {
 }
 
 
+# Records of the PV path share the trace with VM exits; their codes lie above every basic exit
+# reason (hvmlab's own numbering, see pv/trace_pv.py): 256 + hypercall number, then events.
+PV_HYPERCALL_BASE = 256
+PV_RECORD_NAMES = {512: "EVENT_SEND", 513: "UPCALL", 514: "BLOCK", 515: "RING_PUSH"}
+
+
 def name(reason: int) -> str:
-    """The Linux name of a basic exit reason (bits 15:0 of VM_EXIT_REASON)."""
+    """The Linux name of a basic exit reason (bits 15:0 of VM_EXIT_REASON), or the name of a
+    PV-path record."""
+    if PV_HYPERCALL_BASE <= reason < PV_HYPERCALL_BASE + 256:
+        return "HYPERCALL"
+    if reason in PV_RECORD_NAMES:
+        return PV_RECORD_NAMES[reason]
     return NAMES.get(reason & 0xFFFF, f"UNKNOWN_{reason & 0xFFFF}")
 
 

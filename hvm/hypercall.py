@@ -62,7 +62,7 @@ class HypercallTable:
         if cmd == XENVER_extraversion:
             text = self.extraversion[:XEN_EXTRAVERSION_LEN - 1].ljust(XEN_EXTRAVERSION_LEN, b"\0")
             return 0 if guest.copy_to_guest(buf, text) else -EFAULT
-        return -EINVAL
+        return -ENOSYS  # Xen answers subcommands it does not know with -ENOSYS
 
     def _console_io(self, guest: GuestAccess, args: tuple[int, ...]) -> int:
         cmd, count, buf = args[0], args[1] & 0xFFFF_FFFF, args[2]

@@ -54,7 +54,13 @@ def guests_dir() -> Path:
 
 
 def shipped_guests() -> list[Path]:
-    return sorted(p for p in guests_dir().glob("*.asm"))
+    """HVM guests in guests/, then PV guests in guests/pv/ (run as `pv/NAME`)."""
+    return sorted(guests_dir().glob("*.asm")) + sorted(guests_dir().glob("pv/*.asm"))
+
+
+def guest_name(path: Path) -> str:
+    """The name `hvmlab run` knows a shipped guest by (`hello`, `pv/blk`)."""
+    return f"pv/{path.stem}" if path.parent.name == "pv" else path.stem
 
 
 def resolve(spec: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .exit_reasons import NAMES
+from .exit_reasons import name as reason_name
 
 TRACE_VERSION = 1
 FLUSH_EVERY = 4096
@@ -61,7 +62,7 @@ class TraceWriteError(RuntimeError):
 
 def format_record(r: Record) -> str:
     seq, t_ns, vcpu, code, qual, rip, insn_json, handled_by, latency, io, extra = r
-    reason = NAMES.get(code) or f"UNKNOWN_{code}"
+    reason = NAMES.get(code) or reason_name(code)
     if io is not None:
         port, size, direction, string, rep, count, data = io
         line = (f'{{"seq":{seq},"t_ns":{t_ns},"vcpu":{vcpu},"reason":"{reason}","reason_code":{code},'
