@@ -2,15 +2,27 @@
 
 # The front end owns everything keystone cannot do or does differently (see hvm/nasm_insn.py):
 # it preprocesses, parses each line, evaluates every expression itself and hands keystone one
-# instruction at a time with numbers only. Like NASM it repeats passes, forward references
-# taking the previous pass's values, until label values and instruction sizes stop changing.
-# Keystone runs in a child process (hvm/keystone_worker.py), one batch of new texts per pass.
+# instruction at a time with numbers only. Keystone runs in a child process
+# (hvm/keystone_worker.py), one batch of new texts at a time.
+#
+# Passes follow NASM's, because which encoding a jump ends up with depends on the path taken,
+# not only on the end point: a layout where the jump is near can be as self-consistent as one
+# where it is short, and NASM keeps whichever its passes reach first. So, as in NASM:
+#  - every pass starts from scratch and sees the previous pass's values for symbols defined
+#    further down (pass 1: unknown). An encoding that depends on an unknown value takes
+#    NASM's pass-1 choice: jumps and immediates short, displacements full width;
+#  - each pass is laid out with the real lengths of its own instructions: texts keystone has
+#    not seen yet are sent, and the pass is run again, until it needs nothing new;
+#  - label values are kept relative to the section start (NASM applies `org` only on
+#    output), so values carried from a pass laid out at another origin are moved by the
+#    difference. `org` is also read before pass 1 when it is a plain number;
+#  - passes repeat until no symbol changes value.
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +46,8 @@ from hvm.nasm_tables import REGISTERS
 __all__ = ["AsmError", "Assembly", "assemble_file", "assemble_text", "main"]
 
 MAX_PASSES = 32
-GUESSED_LENGTH = 3  # an instruction keystone has not encoded yet: a guess, corrected next pass
+MAX_ROUNDS = 8      # keystone batches within one pass before its guessed lengths are let stand
+GUESSED_LENGTH = 3  # an instruction keystone has not encoded yet: a guess, replaced next round
 
 
 @dataclass(frozen=True)
@@ -57,14 +70,11 @@ class PassResult:
     lengths: dict[tuple[int, int], int] = field(default_factory=dict)
     org: int | None = None
     align: int = 1
+    vstart: int = 0              # the section start this pass laid out from (org, aligned)
     code: bytes = b""
     first_bits: int | None = None
     lines: dict[int, tuple[str, int]] = field(default_factory=dict)
     pending: dict[tuple[int, str], SourceLine] = field(default_factory=dict)
-    first_guess: bool = False    # some instruction has no length from any pass yet
-    # Guessed lengths to correct once keystone has answered: (length key, bits, text, finish)
-    guessed: list[tuple[tuple[int, int], int, str, Callable[[bytes], bytes]]] = \
-        field(default_factory=list)
     unsettled: SourceLine | None = None   # a length or value that was only a guess
     unknown_use: tuple[SourceLine, str] | None = None
     problems: list[tuple[SourceLine, str]] = field(default_factory=list)
@@ -115,33 +125,18 @@ class Assembler:
         return result.data is not None or "MNEMONICFAIL" not in result.error
 
     def run(self) -> Assembly:
-        prev = PassResult()
+        prev = PassResult(org=self.plain_org())
         for pass_no in range(1, MAX_PASSES + 1):
-            cur = self.one_pass(pass_no, prev)
+            cur = self.measured_pass(pass_no, prev)
             self.defined |= set(cur.symbols)
-            # Ask keystone when this pass's layout may be the last, or when a length is a
-            # pure guess; while forward references still move, last pass's lengths serve.
-            if cur.pending and (cur.symbols == prev.symbols or cur.first_guess
-                                or pass_no > MAX_PASSES // 2):
-                self.keystone(cur.pending)
-                # The next pass lays out with the real lengths, not this pass's guesses.
-                for key, bits, text, finish in cur.guessed:
-                    result = self.cache[(bits, text)]
-                    try:
-                        length = len(finish(result.data)) if result.data is not None else 0
-                    except InsnError:
-                        length = 0
-                    cur.lengths[key] = length
             settled = (not cur.pending and cur.unsettled is None and cur.symbols == prev.symbols
                        and cur.org == prev.org and cur.align == prev.align)
             if settled and cur.unknown_use is None:
                 if cur.problems:
                     src, message = cur.problems[0]
                     raise source_error(src, message)
-                org = cur.org if cur.org is not None else 0
-                vstart = -(-org // cur.align) * cur.align
                 return Assembly(
-                    code=bytes(vstart - org) + cur.code,
+                    code=bytes(cur.vstart - (cur.org or 0)) + cur.code,
                     bits=cur.first_bits or 16, bits_explicit=cur.first_bits is not None,
                     org=cur.org,
                     symbols={k: v.n for k, v in cur.symbols.items() if k in cur.labels},
@@ -155,10 +150,41 @@ class Assembler:
         src = prev.unsettled or (self.stmts[0].src if self.stmts else SourceLine(self.main, 1, ""))
         raise source_error(src, f"sizes did not settle after {MAX_PASSES} passes")
 
-    def one_pass(self, pass_no: int, prev: PassResult) -> PassResult:
-        cur = PassResult(org=prev.org, align=prev.align)
+    def plain_org(self) -> int | None:
+        """The `org` of the source when it is a plain number, so pass 1 lays out from it."""
+        for st in self.stmts:
+            if st.kind == "org" and st.args:
+                try:
+                    v = evaluate(st.args[0], lambda _name: Value(0, 1, True))
+                except ExprError:
+                    return None   # reported where the pass meets it
+                return v.n if v.simple else None
+        return None
+
+    def measured_pass(self, pass_no: int, prev: PassResult) -> PassResult:
+        """One pass laid out with the real length of every instruction in it.
+
+        Keystone is asked for the texts the pass needs; the pass then runs again with the
+        answers, as long as that brings up texts not asked for yet (a length that changed
+        moves the labels behind it, and so the addresses in later texts)."""
+        hint: dict[tuple[int, int], int] = {}
+        cur = self.one_pass(pass_no, prev, hint)
+        for _ in range(MAX_ROUNDS):
+            if not cur.pending and cur.unsettled is None:
+                break
+            self.keystone(cur.pending)
+            hint = cur.lengths
+            cur = self.one_pass(pass_no, prev, hint)
+        return cur
+
+    def one_pass(self, pass_no: int, prev: PassResult,
+                 hint: dict[tuple[int, int], int]) -> PassResult:
+        """Lay the source out once; `hint`: lengths an earlier run of this pass measured."""
         org = prev.org if prev.org is not None else 0
         vstart = -(-org // prev.align) * prev.align
+        cur = PassResult(org=prev.org, align=prev.align, vstart=vstart)
+        # Addresses carried over from the previous pass keep their offset into the section.
+        moved = vstart - prev.vstart
         base = Value(vstart, 1)
         out = bytearray()
         bits = 16
@@ -176,6 +202,8 @@ class Assembler:
                 v = cur.symbols.get(full)
                 if v is None:
                     v = prev.symbols.get(full)
+                    if v is not None and v.reloc and moved:
+                        v = Value(v.n + v.reloc * moved, v.reloc, v.unknown, v.regs)
                 if v is None:
                     if pass_no > 1 and full not in self.defined:
                         raise ExprError(f"undefined symbol '{full}'")
@@ -225,7 +253,7 @@ class Assembler:
                     count = (n - (addr - vstart) % n) % n
                     assert st.inner is not None
                     out += self.emit(st.inner, index, count, addr, here, bits, default_rel,
-                                     value, prev, cur)
+                                     value, prev, cur, hint)
                 else:
                     count = 1
                     if st.times is not None:
@@ -237,7 +265,7 @@ class Assembler:
                             cur.problems.append((src, f"TIMES value {count} is negative"))
                             count = 0
                     out += self.emit(st, index, count, addr, here, bits, default_rel, value,
-                                     prev, cur)
+                                     prev, cur, hint)
             except ExprError as e:
                 raise source_error(src, str(e)) from None
             except InsnError as e:
@@ -261,7 +289,8 @@ class Assembler:
             cur.labels.add(name)  # "x equ label" names an address too
 
     def emit(self, st: Stmt, index: int, count: int, addr: int, here: Value, bits: int,
-             default_rel: bool, value, prev: PassResult, cur: PassResult) -> bytes:
+             default_rel: bool, value, prev: PassResult, cur: PassResult,
+             hint: dict[tuple[int, int], int]) -> bytes:
         src = st.src
         if count <= 0:
             return b""
@@ -282,7 +311,10 @@ class Assembler:
         for k in range(count):
             at = addr + len(out)
             key = (index, k if count < 64 else min(k, 63))
-            assumed = prev.lengths.get(key, -1)
+            # The length this instruction had in the last run (of this pass, else the last
+            # pass): what a RIP-relative displacement is counted from, and the best guess
+            # while keystone has not answered.
+            assumed = hint.get(key, prev.lengths.get(key, -1))
             ctx = Ctx(bits=bits, addr=at, default_rel=default_rel, assumed_len=assumed,
                       value=lambda toks, regs: value(toks, regs, here))
             plan = encode(st.prefixes, st.word, st.args, ctx)
@@ -294,10 +326,7 @@ class Assembler:
                 result = self.cache.get((bits, plan.text))
                 if result is None:
                     cur.pending.setdefault((bits, plan.text), src)
-                    assert plan.finish is not None
-                    cur.guessed.append((key, bits, plan.text, plan.finish))
                     data = bytes(assumed if assumed >= 0 else GUESSED_LENGTH)
-                    cur.first_guess = cur.first_guess or assumed < 0
                     cur.unsettled = cur.unsettled or src
                 elif result.data is None:
                     cur.problems.append((src, self.rejected(st, result.error)))

@@ -196,7 +196,9 @@ def ea_text(op: Operand, ctx: Ctx, patches: list[Patch]) -> tuple[str, bool]:
     if not regs and ctx.bits == 64:
         wants_rel = "rel" in op.ea_words or (ctx.default_rel and "abs" not in op.ea_words
                                              and op.segment not in ("fs", "gs"))
-        rel = wants_rel and (v.reloc == 1 or v.unknown)
+        # A value not known yet is taken as absolute, as in NASM's first pass (SIB disp32,
+        # one byte longer than RIP-relative).
+        rel = wants_rel and v.reloc == 1 and not v.unknown
     if rel:
         length = ctx.assumed_len if ctx.assumed_len > 0 else RIP_GUESS
         disp = signed(v.n - (ctx.addr + length), 32)
@@ -313,7 +315,9 @@ def encode_push_imm(mnem: str, op: Operand, ctx: Ctx) -> Plan:
     prefix = b"\x66" if size != default else b""
     width = 2 if size == 16 else 4
     n = signed(op.value.n, 16 if size == 16 else 32)
-    if "byte" in op.words or (op.value.simple and fits8(n) and "strict" not in op.words):
+    # A value not known yet gets the short form, as in NASM's first pass.
+    short = op.value.unknown or (op.value.simple and fits8(n))
+    if "byte" in op.words or (short and "strict" not in op.words):
         return Plan(data=prefix + b"\x6a" + le(n, 1))
     return Plan(data=prefix + b"\x68" + le(n, width))
 
@@ -465,9 +469,9 @@ def encode(prefixes: Sequence[str], mnem: str, operand_toks: Sequence[Sequence[T
             and set(ops[1].words) <= {"qword", "strict"}:
         v = ops[1].value
         num = GPR[ops[0].reg][1]
-        if not v.simple or "strict" in ops[1].words:
+        if "strict" in ops[1].words or (not v.simple and not v.unknown):
             return own(Plan(data=bytes([0x48 | (num >> 3), 0xB8 + (num & 7)]) + le(v.n, 8)))
-        if 0 <= v.n <= 0xFFFFFFFF:
+        if v.unknown or 0 <= v.n <= 0xFFFFFFFF:
             r32 = f"r{num}d" if num >= 8 else GPR32[num]
             ops = [Operand("reg", reg=r32), ops[1]]
     for op in ops:
@@ -480,14 +484,17 @@ def encode(prefixes: Sequence[str], mnem: str, operand_toks: Sequence[Sequence[T
             if op.segment:
                 pre += bytes([SEG_PREFIX[op.segment]])
         else:
-            n = op.value.n
+            # NASM's first pass is optimistic about a value it does not know yet: the
+            # sign-extended imm8 and shift-by-one forms; 1 is a value keystone gives them for.
+            n = 1 if op.value.unknown else op.value.n
             size = first_size if op is not ops[0] else 0
             if size in (8, 16, 32) and not -(1 << (size - 1)) <= n < (1 << size):
                 n &= (1 << size) - 1     # NASM warns and keeps the low bits
             elif size == 64 and not -(1 << 31) <= n < (1 << 31) \
                     and not (mnem == "mov" and ops[0].kind == "reg"):
                 n = signed(n, 32)        # imm32 sign-extended: NASM warns and keeps 32 bits
-            if mnem in SBYTE_OPS and size in (16, 32, 64) and not op.value.simple:
+            if mnem in SBYTE_OPS and size in (16, 32, 64) and not op.value.simple \
+                    and not op.value.unknown:
                 n = signed(n, 16 if size == 16 else 32)
                 if fits8(n):
                     width = 16 if size == 16 else 32

@@ -185,6 +185,105 @@ def test_jumps_short_when_in_range_near_otherwise() -> None:
     assert code("org 0x7c00\njmp 0x7c00\n") == bytes.fromhex("e9 fd ff")  # a number: near
 
 
+# Jump relaxation. NASM starts each pass from scratch with the previous pass's label values
+# (section-relative: `org` only moves the output), takes a jump to a label it does not know
+# yet as short, gives a displacement it does not know yet the full width, and stops when no
+# label moves. Where two layouts are both self-consistent it keeps the one its passes reach.
+
+def boundary_source(bits: int, org: int | None, mnem: str, backward: bool, beyond: int) -> str:
+    """A jump whose short form would land exactly at +127 / -128, or one byte beyond."""
+    head = f"bits {bits}\n" + (f"org {org:#x}\n" if org is not None else "")
+    if backward:
+        return head + f"target: times {126 + beyond} nop\n{mnem} target\n"
+    return head + f"{mnem} target\ntimes {127 + beyond} nop\ntarget: hlt\n"
+
+
+def boundary_bytes(bits: int, mnem: str, backward: bool, beyond: int) -> bytes:
+    """What the SDM encodings give: 74/EB rel8, else 0F 84 / E9 with rel16 (16-bit) or rel32."""
+    width = 2 if bits == 16 else 4
+    short_op, near_op = (b"\x74", b"\x0f\x84") if mnem == "jz" else (b"\xeb", b"\xe9")
+    nops = (126 if backward else 127) + beyond
+    if backward:
+        rel = -(nops + 2)                  # from the end of the 2-byte short form
+        insn = short_op + (rel & 0xFF).to_bytes(1, "little") if not beyond else \
+            near_op + (-(nops + len(near_op) + width)).to_bytes(width, "little", signed=True)
+        return b"\x90" * nops + insn
+    insn = short_op + bytes([nops]) if not beyond else \
+        near_op + nops.to_bytes(width, "little")
+    return insn + b"\x90" * nops + b"\xf4"
+
+
+BOUNDARY_CASES = [(bits, org, mnem, backward, beyond)
+                  for bits, orgs in ((16, (None, 0x7C00)), (32, (None, 0x100000)),
+                                     (64, (None, 0x100000)))
+                  for org in orgs for mnem in ("jz", "jmp") for backward in (False, True)
+                  for beyond in (0, 1)]
+
+
+def boundary_id(case: tuple) -> str:
+    bits, org, mnem, backward, beyond = case
+    where = ("-128" if backward else "+127") + (" and one beyond" if beyond else "")
+    return f"{bits}-{'org' if org is not None else 'no_org'}-{mnem}-{where}"
+
+
+@pytest.mark.parametrize("case", BOUNDARY_CASES, ids=boundary_id)
+def test_jump_at_the_rel8_boundary_checked_by_hand(case: tuple) -> None:
+    bits, org, mnem, backward, beyond = case
+    source = boundary_source(bits, org, mnem, backward, beyond)
+    assert code(source) == boundary_bytes(bits, mnem, backward, beyond)
+
+
+REPRODUCER = """bits 32
+org 0x100000
+start: jc fail
+       mov [edi + LATER], eax
+       times 121 nop
+fail:  ret
+LATER equ 4
+"""
+
+
+def test_jump_over_a_forward_equ_is_short_when_org_is_set() -> None:
+    # fail is 124 bytes past the end of a short jc. Pass 1 used to lay out from 0 and pass 2
+    # then measured from 0x100000 to those stale values, so the jc went near and stayed near.
+    asm = assemble_text(REPRODUCER, "repro.asm")
+    assert asm.code == REPRODUCER_BYTES
+    assert asm.symbols == {"start": 0x100000, "fail": 0x100000 + 126}
+
+
+REPRODUCER_BYTES = bytes.fromhex("72 7c 89 47 04") + b"\x90" * 121 + b"\xc3"
+
+# Origins for the reproducer, and the zero bytes nasm puts before the code: `align 4` after
+# an unaligned org moves the section start up, so pass 2 lays out from another address.
+ORIGINS = [("", 0), ("org 0\n", 0), ("org 0x7c01\n", 0), ("org 0x100000\n", 0),
+           ("org 0x7c01\nalign 4\n", 3)]
+
+
+@pytest.mark.parametrize("org,lead", ORIGINS)
+def test_org_does_not_change_which_jumps_are_short(org: str, lead: int) -> None:
+    # Relative jumps do not depend on where the code is loaded: same bytes at every origin.
+    assert code(REPRODUCER.replace("org 0x100000\n", org)) == bytes(lead) + REPRODUCER_BYTES
+
+
+@pytest.mark.parametrize("position,nops,expected_jc", [
+    ("before", 122, "72 7d"),
+    ("before", 124, "72 7f"),            # fail lands exactly at +127
+    ("before", 125, "0f 82 80 00 00 00"),
+    ("after", 121, "72 7c"),
+    # LATER unknown in pass 1: the mov gets a disp32 (6 bytes), fail is 128 bytes past a
+    # short jc, so pass 2 makes it near; the mov then shrinks to 3 bytes, but with a near
+    # jc fail is still out of short range, and NASM keeps that layout (nasm 2.16 does this).
+    ("after", 122, "0f 82 7d 00 00 00"),
+])
+def test_jump_over_an_equ_defined_before_or_after_use(position: str, nops: int,
+                                                       expected_jc: str) -> None:
+    equ = "LATER equ 4\n"
+    source = ("bits 32\norg 0x100000\n" + (equ if position == "before" else "")
+              + f"jc fail\nmov [edi + LATER], eax\ntimes {nops} nop\nfail: ret\n"
+              + (equ if position == "after" else ""))
+    assert code(source) == bytes.fromhex(expected_jc + " 89 47 04") + b"\x90" * nops + b"\xc3"
+
+
 def test_addresses_never_take_the_sign_extended_byte_forms() -> None:
     # NASM keeps imm8/disp8 for plain numbers; a label's address gets the full field.
     assert code("push lbl\npush 3\nlbl:") == bytes.fromhex("68 05 00 6a 03")
@@ -558,3 +657,49 @@ dw 0xAA55
 @needs_nasm
 def test_directive_soup_matches_nasm(tmp_path: Path) -> None:
     assert assemble_text(FEATURES, "features.asm").code == nasm_bin(FEATURES, tmp_path)
+
+
+@needs_nasm
+@pytest.mark.parametrize("case", BOUNDARY_CASES, ids=boundary_id)
+def test_jump_at_the_rel8_boundary_matches_nasm(case: tuple, tmp_path: Path) -> None:
+    source = boundary_source(*case)
+    assert code(source) == nasm_bin(source, tmp_path)
+
+
+@needs_nasm
+@pytest.mark.parametrize("org", [o for o, _ in ORIGINS])
+def test_reproducer_at_every_origin_matches_nasm(org: str, tmp_path: Path) -> None:
+    source = REPRODUCER.replace("org 0x100000\n", org)
+    assert code(source) == nasm_bin(source, tmp_path)
+
+
+# A jc over one instruction that names a symbol defined further down, then a run of nops:
+# around the rel8 limit the jc's form depends on how NASM's first pass sized that instruction.
+FORWARD_FORMS = {
+    16: ["mov [bx + LATER], ax", "push LATER", "imul ax, bx, LATER", "push flab"],
+    32: ["mov [edi + LATER], eax", "push LATER", "add eax, LATER", "shl eax, LATER",
+         "push flab", "mov [edi + flab], eax"],
+    64: ["mov rax, LATER", "mov rax, flab", "add rax, LATER", "mov eax, [rel flab]",
+         "lea rsi, [rel LATER]", "push LATER"],
+}
+
+
+@needs_nasm
+@pytest.mark.parametrize("bits,form", [(b, f) for b, forms in FORWARD_FORMS.items()
+                                       for f in forms])
+@pytest.mark.parametrize("position", ["before", "after"])
+@pytest.mark.parametrize("org", [None, 0x100000])
+def test_jump_over_forward_references_matches_nasm(bits: int, form: str, position: str,
+                                                    org: int | None, tmp_path: Path) -> None:
+    equ = "LATER equ 1\n"
+    differ = []
+    for nops in range(114, 127):
+        source = (f"bits {bits}\n" + (f"org {org:#x}\n" if org is not None else "")
+                  + (equ if position == "before" else "")
+                  + f"start: jc fail\n{form}\ntimes {nops} nop\nfail: ret\nflab: db 0\n"
+                  + (equ if position == "after" else ""))
+        ours, theirs = code(source), nasm_bin(source, tmp_path)
+        if ours != theirs:
+            differ.append(f"{nops} nops: ours {ours[:8].hex()} ({len(ours)} bytes), "
+                          f"nasm {theirs[:8].hex()} ({len(theirs)} bytes)")
+    assert not differ, "\n".join(differ)
