@@ -60,7 +60,26 @@ class TraceWriteError(RuntimeError):
     """The trace file could not be written completely (the writer process died or hung)."""
 
 
-def format_record(r: Record) -> str:
+# Compact records for the most frequent exits: everything that is the same each time one
+# instruction exits to the same port ("a site": vcpu, reason, qualification, rip, insn,
+# handled_by, port, size, direction, string, rep, count) is sent once as a site definition
+# (SITE_TAG, site_id, *static); each exit then is (site_id, seq, t_ns, latency_ns, data).
+# The lines they format to are exactly those of the full record.
+SITE_TAG = "S"
+Sites = dict[int, tuple]
+
+
+def format_record(r: Record | tuple, sites: Sites | None = None) -> str:
+    if len(r) == 5:  # a compact record of a site
+        site_id, seq, t_ns, latency, data = r
+        vcpu, code, qual, rip, insn_json, handled_by, port, size, direction, string, rep, count = (
+            sites[site_id])  # type: ignore[index]
+        r = (seq, t_ns, vcpu, code, qual, rip, insn_json, handled_by, latency,
+             (port, size, direction, string, rep, count, data), None)
+    elif r[0] == SITE_TAG:
+        if sites is not None:
+            sites[r[1]] = tuple(r[2:])
+        return ""
     seq, t_ns, vcpu, code, qual, rip, insn_json, handled_by, latency, io, extra = r
     reason = NAMES.get(code) or reason_name(code)
     if io is not None:
@@ -79,8 +98,9 @@ def format_record(r: Record) -> str:
     return line + "}\n"
 
 
-def format_records(records: Iterable[Record]) -> str:
-    return "".join(map(format_record, records))
+def format_records(records: Iterable[Record | tuple], sites: Sites | None = None) -> str:
+    sites = {} if sites is None else sites
+    return "".join(format_record(r, sites) for r in records)
 
 
 def message(kind: bytes, payload: bytes) -> bytes:
@@ -102,10 +122,11 @@ def read_messages(read: Callable[[int], bytes]) -> Iterator[tuple[bytes, bytes]]
         yield kind, payload
 
 
-def render_message(kind: bytes, payload: bytes) -> str:
-    """The JSON lines a message stands for ('' for the end message)."""
+def render_message(kind: bytes, payload: bytes, sites: Sites | None = None) -> str:
+    """The JSON lines a message stands for ('' for the end message). `sites` carries the site
+    definitions from one message to the next."""
     if kind == MSG_RECORDS:
-        return format_records(marshal.loads(payload))
+        return format_records(marshal.loads(payload), sites)
     if kind == MSG_TEXT:
         return payload.decode("utf-8", "surrogatepass")
     if kind == MSG_END:
@@ -139,6 +160,9 @@ class TraceWriter:
         self._failure: str | None = None  # why the writer process lost records (raised by close())
         self.offload_error: str | None = None  # why formatting moved back in-process, if it did
         self.records = 0
+        self._sites: Sites = {}  # site definitions seen by this process's formatter
+        self._text_sites: Sites = {}  # every site registered (for batches formatted here)
+        self._next_site = 0
 
     @property
     def offloaded(self) -> bool:
@@ -146,6 +170,15 @@ class TraceWriter:
         return self._offload
 
     # -- the vCPU thread --------------------------------------------------------------------------
+    def site(self, static: tuple) -> int:
+        """Register a site (see SITE_TAG): returns its id for compact records."""
+        site_id = self._next_site
+        self._next_site += 1
+        self._text_sites[site_id] = static
+        self.add((SITE_TAG, site_id, *static))  # type: ignore[arg-type]
+        self.records -= 1  # a definition is not an exit
+        return site_id
+
     def add(self, record: Record) -> None:
         pending = self._pending
         pending.append(record)
@@ -166,7 +199,10 @@ class TraceWriter:
             payload = marshal.dumps(pending, _MARSHAL_VERSION)
             kind = MSG_RECORDS
         except ValueError:  # something marshal cannot carry (an enum, a str subclass): send the lines
-            payload = format_records(pending).encode("utf-8", "surrogatepass")
+            definitions = [r for r in pending if r and r[0] == SITE_TAG]
+            if definitions:  # the writer process still needs them for later compact records
+                self._packed += message(MSG_RECORDS, marshal.dumps(definitions, _MARSHAL_VERSION))
+            payload = format_records(pending, self._text_sites).encode("utf-8", "surrogatepass")
             kind = MSG_TEXT
         packed = self._packed
         packed += MSG_HEAD.pack(kind, len(payload))
@@ -198,14 +234,14 @@ class TraceWriter:
 
     def _write_pending(self) -> None:
         if self._pending:
-            self._file.write(format_records(self._pending))
+            self._file.write(format_records(self._pending, self._sites))
             self.records += len(self._pending)
             self._pending.clear()
 
     def _write_packed(self) -> None:
         data, self._packed = self._packed, bytearray()
         for kind, payload in read_messages(BytesIO(data).read):
-            self._file.write(render_message(kind, payload))
+            self._file.write(render_message(kind, payload, self._sites))
 
     def _fall_back(self, why: str | None) -> None:
         """Format here from now on: no writer process could be started, or it was not ready

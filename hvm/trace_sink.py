@@ -20,11 +20,12 @@ def main(argv: list[str]) -> int:
     # The same text layer as the in-process writer (UTF-8, newline translation) so the bytes match.
     with open(int(argv[1]), "w", encoding="utf-8") as out:
         os.write(sys.stdout.fileno(), READY)
+        sites: dict = {}  # site definitions, kept from one message to the next
         try:
             for kind, payload in read_messages(sys.stdin.buffer.read):
                 if kind == MSG_END:
                     return 0
-                out.write(render_message(kind, payload))
+                out.write(render_message(kind, payload, sites))
         except TraceWriteError as exc:
             print(f"hvm.trace_sink: {exc}", file=sys.stderr)
             return 1

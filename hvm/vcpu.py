@@ -79,9 +79,10 @@ class Vcpu:
         self._entry_check = False              # leave the guest to run VM entry's interrupt check
         self.interrupt_shadow = False          # the instruction after STI: interrupts still blocked
         self.window_budget = WINDOW_STEPS      # single steps left before slicing (see _window_step)
-        self.out_hook = self._make_out_hook()
         self._t0 = time.monotonic_ns() if t0_ns is None else t0_ns  # virtual time 0 (the devices' clock)
         self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
+
+        self.out_hook = self._make_out_hook()
 
     # -- time and registers ------------------------------------------------------------------------
     @property
@@ -179,6 +180,16 @@ class Vcpu:
         x = self.exit
         io_handler = self._io_handler
         out_tuple = "out"
+        tracer = self.tracer
+        # Only a trace is looking (no --dump-vmcs, no --max-exits): compact records will do.
+        compact = tracer is not None and self.dump_at is None and self.max_exits is None
+        # The writer's own list and batch size: one list append per exit (TraceWriter.add inlined).
+        pending: list = tracer._pending if tracer is not None else []
+        batch = tracer._batch if tracer is not None else 0
+        drain = tracer._drain if tracer is not None else None
+        sites: dict[int, int] = {}
+        monotonic_ns = time.monotonic_ns
+        t0 = self._t0
 
         def out_hook(_uc: object, port: int, size: int, value: int, _ud: object) -> None:
             try:
@@ -218,6 +229,31 @@ class Vcpu:
                 if not self._observed:
                     io_handler(self, x)
                     return
+                if compact:  # only tracing: a compact record of this exit's site (trace.SITE_TAG)
+                    t_exit = monotonic_ns()
+                    try:
+                        io_handler(self, x)
+                    except GuestEnded:
+                        x.t_ns = t_exit - self._t0
+                        self._fill_out_exit(x, self.exits - 1, pc, qualification, hit)
+                        self._finish(x, (port, size, out_tuple, False, False, 1, value), check_limit=False)
+                        raise
+                    t_entry = monotonic_ns()
+                    if x.extra is None:
+                        key = pc | (port << 52) | (size << 48) | (x.handled_by == "unassigned") << 47
+                        site_id = sites.get(key)
+                        if site_id is None:
+                            site_id = sites[key] = tracer.site(  # type: ignore[union-attr]
+                                (self.id, 30, qualification, pc, hit[3], x.handled_by, port, size,
+                                 out_tuple, False, False, 1))
+                        pending.append((site_id, self.exits - 1, t_exit - t0, t_entry - t_exit, value))
+                        if len(pending) >= batch:
+                            drain()  # type: ignore[misc]
+                        return
+                    x.t_ns = t_exit - t0
+                    self._fill_out_exit(x, self.exits - 1, pc, qualification, hit)
+                    self._finish(x, (port, size, out_tuple, False, False, 1, value))
+                    return
                 if self.tracer is not None:
                     x.t_ns = time.monotonic_ns() - self._t0
                 x.seq = self.exits - 1
@@ -239,6 +275,17 @@ class Vcpu:
                 self.engine.fail(exc)
 
         return out_hook
+
+    @staticmethod
+    def _fill_out_exit(x: ExitInfo, seq: int, pc: int, qualification: int, hit: tuple) -> None:
+        x.seq = seq
+        x.reason = 30
+        x.qualification = qualification
+        x.length = hit[4]
+        x.rip = pc
+        x.rep = False
+        x.count = 1
+        x.insn_json = hit[3]
 
     def on_out(self, port: int, size: int, value: int) -> None:
         self.out_hook(None, port, size, value, None)
