@@ -26,7 +26,7 @@ from .ioreq import SharedIoPage
 from .ioreq_client import IoreqClient
 from .loader import GuestImage, LoadError, place
 from .memory import GuestMemory
-from .pc import VGA_HOLE, Platform, PlatformError, PlatformOptions, build
+from .pc import NE2000_MAC, VGA_HOLE, Platform, PlatformError, PlatformOptions, build
 from .status import INTERNAL, GuestEnded, debug_exit
 from .trace import TraceWriteError, TraceWriter
 from .vcpu import Vcpu
@@ -97,7 +97,7 @@ class HvmDomain:
 
     def __init__(self, image: GuestImage, options: RunOptions, console: ConsoleSink | None = None,
                  serial: ConsoleSink | None = None,
-                 nic_tx: Callable[[bytes], None] | None = None) -> None:
+                 nic_tx: Callable[[bytes], None] | None = None, nic_mac: bytes | None = None) -> None:
         self.image = image
         self.options = options
         self.console = console = console or ConsoleSink()
@@ -109,7 +109,8 @@ class HvmDomain:
             self.platform = platform = build(
                 PlatformOptions(placement=options.placement, mem=options.mem, disk=options.disk,
                                 pcap=options.pcap, serial_in=options.serial_in,
-                                buffered_ports=options.buffered_ports, nic_tx=nic_tx),
+                                buffered_ports=options.buffered_ports, nic_tx=nic_tx,
+                                nic_mac=nic_mac if nic_mac is not None else NE2000_MAC),
                 clock, console, serial, debug_exit)
         except PlatformError as exc:
             raise LoadError(str(exc)) from None

@@ -96,6 +96,7 @@ class PlatformOptions:
     serial_in: bytes | None = None
     buffered_ports: list[int] = field(default_factory=list)
     nic_tx: Callable[[bytes], None] | None = None  # frames the NE2000 sends also go here (a bridge)
+    nic_mac: bytes = NE2000_MAC
 
 
 @dataclass
@@ -194,7 +195,7 @@ def build(options: PlatformOptions, clock: Clock, console: Callable[[bytes], Non
 
     uart = Uart16550(router.line(COM1_IRQ), serial, options.serial_in)
     ide = IdeChannel(disk, router.line(IDE_IRQ))
-    ne2000 = Ne2000(NE2000_MAC, router.line(NE2000_IRQ), transmit)
+    ne2000 = Ne2000(options.nic_mac, router.line(NE2000_IRQ), transmit)
     vga = VgaText()
     shutdown = ShutdownRequest()
     pci = make_i440fx_bus()

@@ -19,6 +19,7 @@ from hvm.console import ConsoleSink
 from hvm.loader import LoadError, load
 from hvm.machine import HvmDomain, RunOptions, RunResult
 from hvm.status import BAD_INPUT, LIMIT, GuestEnded
+from hvm.trace import TraceWriter
 from pv.backends.blkback import Blkback
 from pv.backends.console import ConsoleBackend
 from pv.backends.netback import Dom0Pages, Netback
@@ -26,6 +27,7 @@ from pv.backends.xenbus_glue import XenbusGlue
 from pv.bridge import Bridge
 from pv.dom0 import Dom0
 from pv.domain import PvDomain, PvRunResult
+from pv.trace_pv import PvTracer
 
 XVDA = 51712  # (202 << 8): the device number Xen's toolstack gives xvda
 DOMAIN_KEYS = {"name", "kind", "guest", "memory", "disks", "vifs", "serial", "mode", "placement"}
@@ -177,6 +179,16 @@ class MachineResult:
                 "wall_s": round(self.wall_s, 6), "domains": [d.__dict__ for d in self.domains]}
 
 
+def _mac(text: str, where: str) -> bytes:
+    try:
+        mac = bytes(int(part, 16) for part in text.split(":"))
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise MachineError(f"{where}: bad MAC address {text!r} (use 00:16:3e:xx:xx:xx)")
+    return mac
+
+
 def _disk(spec: DiskSpec) -> FileBlockBackend:
     if not spec.path.exists() and spec.size is not None:
         spec.path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,19 +200,39 @@ def _disk(spec: DiskSpec) -> FileBlockBackend:
         raise MachineError(str(exc)) from None
 
 
+def hvm_trace_path(trace: Path, name: str) -> Path:
+    """Where an HVM domain of a traced machine writes its own exit trace: FILE.<name>.jsonl."""
+    return trace.with_name(f"{trace.name}.{name}.jsonl")
+
+
 def up(spec: MachineSpec, stream: BinaryIO | None = None,
-       progress: Callable[[str], None] | None = None) -> MachineResult:
-    """Build every domain and Dom0's services, run them together, tear everything down."""
+       progress: Callable[[str], None] | None = None, trace: Path | None = None) -> MachineResult:
+    """Build every domain and Dom0's services, run them together, tear everything down.
+
+    With `trace`, every PV domain's vCPU (hypercalls, event sends, upcalls, blocks) and
+    blkback's and netback's steps (pv.backends.StepHook) go to ONE trace file through one
+    PvTracer, on one clock; each HVM domain writes its own exit trace beside it
+    (hvm_trace_path)."""
     say = progress or (lambda _text: None)
     out_lock = threading.Lock()
     clock = MonotonicClock()
+    tracer: PvTracer | None = None
+    if trace is not None:
+        try:
+            writer = TraceWriter(trace, {"machine": spec.name, "mode": "pv",
+                                         "domains": [d.name for d in spec.domains]})
+        except OSError as exc:
+            raise MachineError(f"{trace}: cannot write the trace: {exc.strerror}") from None
+        tracer = PvTracer(writer)
+    on_step = tracer.step if tracer is not None else None
     pcap = PcapWriter(spec.pcap, clock) if spec.pcap is not None else None
     bridge = Bridge(pcap)
     dom0 = Dom0()
     dom0.start()
     console_backend = ConsoleBackend()
-    blkback = Blkback(reorder=spec.blk_reorder)
-    netback = Netback(Dom0Pages(dom0.memory, [dom0.alloc_frame() for _ in range(NETBACK_PAGES)]))
+    blkback = Blkback(reorder=spec.blk_reorder, on_step=on_step)
+    netback = Netback(Dom0Pages(dom0.memory, [dom0.alloc_frame() for _ in range(NETBACK_PAGES)]),
+                      on_step=on_step)
     vbd_glue = XenbusGlue(dom0.xs_client(), "vbd")
     vif_glue = XenbusGlue(dom0.xs_client(), "vif")
     services: list[Any] = [console_backend, blkback, netback, vbd_glue, vif_glue]
@@ -208,6 +240,7 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
     hvm_domains: list[tuple[DomainSpec, HvmDomain]] = []
     disks: list[FileBlockBackend] = []
     start = time.monotonic()
+    summary: dict[str, Any] | None = None
     try:
         for d in spec.domains:
             sink = ConsoleSink(_Prefixed(d.name, stream, out_lock) if stream is not None else None)  # type: ignore[arg-type]
@@ -216,7 +249,8 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
             except LoadError as exc:
                 raise MachineError(f"domain {d.name!r}: {exc}") from None
             if d.kind == "pv":
-                domain = dom0.create_pv_domain(image, name=d.name, mem=d.memory_mib << 20, console=sink)
+                domain = dom0.create_pv_domain(image, name=d.name, mem=d.memory_mib << 20,
+                                               console=sink, tracer=tracer)
                 console_backend.attach(domain, domain.console_gfn, domain.console_port, domain.console)
                 for n, disk_spec in enumerate(d.disks):
                     disk = _disk(disk_spec)
@@ -233,10 +267,13 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
                 port = bridge.add_port(d.name) if d.vifs else None
                 options = RunOptions(mem=d.memory_mib << 20, timeout_s=spec.timeout_s + 5,
                                      placement=d.placement,
-                                     disk=d.disks[0].path if d.disks else None)
+                                     disk=d.disks[0].path if d.disks else None,
+                                     trace=hvm_trace_path(trace, d.name) if trace else None)
                 if d.disks:
                     _disk(d.disks[0]).close()  # create it if asked
-                hvm = HvmDomain(image, options, sink, ConsoleSink(), nic_tx=port.transmit if port else None)
+                nic_mac = d.vifs[0].get("mac") if d.vifs else None
+                hvm = HvmDomain(image, options, sink, ConsoleSink(), nic_tx=port.transmit if port else None,
+                                nic_mac=_mac(nic_mac, f"domain {d.name!r}") if nic_mac else None)
                 if port is not None:
                     port.connect(hvm.deliver_frame)
                 hvm_domains.append((d, hvm))
@@ -254,7 +291,10 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
             outcomes.append(_pv_outcome(d, pv.result(wall)))
         for d, hvm in hvm_domains:
             outcomes.append(_hvm_outcome(d, hvm.wait()))
-        return MachineResult(spec.name, outcomes, bridge.frames, time.monotonic() - start)
+        result = MachineResult(spec.name, outcomes, bridge.frames, time.monotonic() - start)
+        summary = {"exit_status": result.exit_status, "frames": result.frames,
+                   "domains": {o.name: o.ended_by for o in outcomes}}
+        return result
     finally:
         for service in reversed(services):
             try:
@@ -266,6 +306,8 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
             disk.close()
         if pcap is not None:
             pcap.close()
+        if tracer is not None:
+            tracer.close(summary)  # after the backends stopped: nothing records any more
         if stream is not None:
             stream.flush()
 
@@ -304,7 +346,7 @@ def _hvm_outcome(d: DomainSpec, r: RunResult) -> DomainOutcome:
     return DomainOutcome(d.name, "hvm", d.guest, r.ended_by, r.exit_status, r.message, r.console, counters)
 
 
-def main_up(path: Path, out_dir: Path, as_json: bool) -> int:
+def main_up(path: Path, out_dir: Path, as_json: bool, trace: Path | None = None) -> int:
     """The `hvmlab up` command."""
     import json
 
@@ -312,7 +354,8 @@ def main_up(path: Path, out_dir: Path, as_json: bool) -> int:
         spec = parse_machine(path, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         result = up(spec, None if as_json else sys.stdout.buffer,
-                    None if as_json else (lambda t: print(f"hvmlab up: {t}", file=sys.stderr)))
+                    None if as_json else (lambda t: print(f"hvmlab up: {t}", file=sys.stderr)),
+                    trace)
     except MachineError as exc:
         print(f"hvmlab: error: {exc}", file=sys.stderr)
         return BAD_INPUT

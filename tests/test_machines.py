@@ -87,3 +87,15 @@ def test_run_pv_blk_with_a_disk(tmp_path):
     assert disk.read_bytes()[5 * SECTOR:6 * SECTOR] == blk_pattern(5)
     missing = hvmlab("run", "pv/blk", "--pv", "--disk", str(tmp_path / "nope.img"))
     assert missing.returncode == 2 and "nope.img" in missing.stderr
+
+
+def test_mixed_machine_pv_netfront_and_hvm_ne2000_on_one_bridge(tmp_path):
+    proc = hvmlab("up", str(EXAMPLES / "mixed.toml"), "--out", str(tmp_path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    kinds = {d["kind"]: d for d in result["domains"]}
+    assert kinds["pv"]["ended_by"] == "shutdown_poweroff" and kinds["hvm"]["exit_status"] == 0
+    assert "hello from hvm ne2000" in kinds["pv"]["console"]
+    assert "hello from pv net 1" in kinds["hvm"]["console"]
+    payloads = {frame[14:].split(b"\0")[0] for _t, frame in read_pcap(tmp_path / "mixed.pcap")}
+    assert {b"hello from pv net 1", b"hello from hvm ne2000"} <= payloads
