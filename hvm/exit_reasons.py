@@ -99,7 +99,9 @@ NAMES: dict[int, str] = {
 # Records of the PV path share the trace with VM exits; their codes lie above every basic exit
 # reason (hvmlab's own numbering, see pv/trace_pv.py): 256 + hypercall number, then events.
 PV_HYPERCALL_BASE = 256
-PV_RECORD_NAMES = {512: "EVENT_SEND", 513: "UPCALL", 514: "BLOCK", 515: "RING_PUSH"}
+PV_RECORD_NAMES = {512: "EVENT_SEND", 513: "UPCALL", 514: "BLOCK", 515: "RING_PUSH",
+                   516: "RING_TAKE", 517: "GRANT_OP", 518: "BRIDGE_TX", 519: "BRIDGE_RX",
+                   520: "RING_RESPONSE"}
 
 
 def name(reason: int) -> str:

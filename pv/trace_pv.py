@@ -1,4 +1,4 @@
-"""PV trace records: hypercalls, event sends, upcalls, blocks and ring pushes as lines of the exit trace (hvm/trace.py format; reason codes are hvmlab's, above the SDM's basic exit reasons)."""
+"""PV trace records: hypercalls, event sends, upcalls, blocks, ring pushes and the backends' steps (ring takes, grant ops, the bridge, responses) as lines of the exit trace (hvm/trace.py format; reason codes are hvmlab's, above the SDM's basic exit reasons)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,20 @@ EVENT_SEND = 512  # an event on a port: the guest's EVTCHNOP_send ("out") or one
 UPCALL = 513  # the hypervisor entered the guest's event callback
 BLOCK = 514  # SCHEDOP_block / SCHEDOP_poll / HLT: the vCPU slept until an event (or timeout)
 RING_PUSH = 515  # a backend pushed on a shared ring; the record says if it notified
+# The backends' steps (pv.backends.StepHook), on Dom0's backend threads:
+RING_TAKE = 516  # a request copied out of its slot, req_cons advanced ("hex", "fields")
+GRANT_OP = 517  # map/unmap/copy/transfer: "op", "status", "entry_before", "entry_after"
+BRIDGE_TX = 518  # netback handed a frame from a vif's tx ring to the bridge ("packet")
+BRIDGE_RX = 519  # the bridge queued a frame for a vif's rx ring ("packet", "rx_seq")
+RING_RESPONSE = 520  # a response written into its slot ("hex", "fields"), not yet pushed
 
-REASON_NAMES = {EVENT_SEND: "EVENT_SEND", UPCALL: "UPCALL", BLOCK: "BLOCK", RING_PUSH: "RING_PUSH"}
+REASON_NAMES = {EVENT_SEND: "EVENT_SEND", UPCALL: "UPCALL", BLOCK: "BLOCK", RING_PUSH: "RING_PUSH",
+                RING_TAKE: "RING_TAKE", GRANT_OP: "GRANT_OP", BRIDGE_TX: "BRIDGE_TX",
+                BRIDGE_RX: "BRIDGE_RX", RING_RESPONSE: "RING_RESPONSE"}
+# pv.backends.StepHook kind -> record code
+STEP_CODES = {"ring_take": RING_TAKE, "grant_op": GRANT_OP, "bridge_tx": BRIDGE_TX,
+              "bridge_rx": BRIDGE_RX, "ring_response": RING_RESPONSE, "ring_push": RING_PUSH,
+              "event_send": EVENT_SEND}
 INT_0X82 = '"int 0x82"'
 
 
@@ -69,6 +81,21 @@ class PvTracer:
         self.record(RING_PUSH, domid=domid, handled_by="dom0",
                     extra={"ring": ring, "prod": prod, "event": event, "notify": notify})
 
+    def step(self, kind: str, domid: int, fields: dict[str, Any]) -> None:
+        """A backend's step (pv.backends.StepHook, callable from any thread) as a record handled
+        by Dom0. An event Dom0 sends is an EVENT_SEND of domain 0 (its port; the guest as
+        remote_dom/remote_port), as a guest's send is the guest's; the other steps carry the
+        frontend's domid. A ring_push is a RING_PUSH with ring_push()'s fields and more."""
+        code = STEP_CODES.get(kind)
+        if code is None:
+            return
+        if code == EVENT_SEND:
+            self.record(EVENT_SEND, domid=0, handled_by="dom0",
+                        extra={"direction": "out", **fields})
+            return
+        self.record(code, domid=domid, handled_by="dom0", extra=fields)
+
     def close(self, summary: dict[str, Any] | None = None) -> None:
         with self._lock:
             self.writer.close(summary)
+

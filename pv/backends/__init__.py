@@ -6,11 +6,11 @@ import logging
 import select
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from hvm.evtchn import FIRST_PORT, EventChannel, EventChannelError, make_interdomain_pair
 from hvm.memory import GuestMemory
-from pv.grant_table import GrantOps
+from pv.grant_table import GNTST_NAMES, GrantOps
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +19,33 @@ DOMID_DOM0 = 0  # the backends' own domain: every grant op is made on its behalf
 # on_ring_push(ring, prod, event, notify): a backend published responses up to `prod`; the
 # frontend had asked to be woken at `event` (rsp_event); `notify` is the decision taken.
 RingPushHook = Callable[[str, int, int, bool], None]
+# on_step(kind, domid, fields): one step of a request's way through a backend, for the trace
+# (pv.trace_pv.StepTracer turns them into records). `domid` is the frontend's domain. Kinds:
+# "ring_take" (a request copied out of the ring, req_cons advanced), "grant_op" (map, unmap,
+# copy or transfer with its status and the grant entry's bytes before and after),
+# "bridge_tx" (a frame handed to the bridge), "bridge_rx" (a frame the bridge queued for a
+# vif), "ring_response" (a response written), "ring_push" (responses published, with the
+# notify decision) and "event_send" (Dom0's end notified). Called on the backend's thread;
+# a backend given None builds no fields at all.
+StepHook = Callable[[str, int, dict[str, Any]], None]
 Service = Callable[[], None]
+
+
+def grant_entry(ops: GrantOps, domid: int, ref: int) -> dict[str, Any] | None:
+    """grant_entry_v1 `ref` of `domid`'s table as the trace shows it: its 8 bytes and fields
+    (None if there is no such entry)."""
+    table = ops.tables.get(domid)
+    if table is None or not 0 <= ref < table.nr_entries:
+        return None
+    entry = table.entry(ref)
+    raw = (entry.flags.to_bytes(2, "little") + entry.domid.to_bytes(2, "little")
+           + entry.frame.to_bytes(4, "little"))
+    return {"hex": raw.hex(), "flags": entry.flags, "domid": entry.domid, "frame": entry.frame}
+
+
+def status_name(status: int) -> str:
+    """A GNTST_* code's name as grant_table.h's GNTTABOP_error_msgs says it."""
+    return GNTST_NAMES.get(status, f"GNTST {status}")
 
 
 class FrontendLink(Protocol):

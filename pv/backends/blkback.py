@@ -6,7 +6,7 @@ import ctypes
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devicemodel.ide_disk import SECTOR_SIZE, BlockBackend, DiskError
 from hvm.evtchn import EventChannel, EventChannelError
@@ -17,6 +17,9 @@ from pv.backends import (
     ConnectError,
     FrontendLink,
     RingPushHook,
+    StepHook,
+    grant_entry,
+    status_name,
 )
 from pv.grant_table import GNTST_NAMES, GNTST_okay, GrantOps, HostFrame
 from pv.layouts import (
@@ -151,10 +154,12 @@ class Blkback:
     """
 
     def __init__(self, *, reorder: bool = False, on_ring_push: RingPushHook | None = None,
+                 on_step: StepHook | None = None,
                  idle_wait_s: float = 0.5, max_batches_per_wakeup: int = 4,
                  name: str = "blkback") -> None:
         self.reorder = reorder
         self.on_ring_push = on_ring_push
+        self.on_step = on_step
         self.max_batches_per_wakeup = max_batches_per_wakeup
         self.loop = BackendLoop(name, idle_wait_s)
         self.devices: list[BlkifDevice] = []
@@ -245,6 +250,8 @@ class Blkback:
             batch: list[bytes] = []
             while ring.unconsumed_requests():
                 batch.append(ring.take_request())  # copied out of the slot, once
+                if self.on_step is not None:
+                    self._step_take(dev, batch[-1])
             if not batch:
                 # RING_FINAL_CHECK_FOR_REQUESTS: re-arm req_event, then look again.
                 if ring.final_check_for_requests():
@@ -257,17 +264,59 @@ class Blkback:
         order = _reordered(requests) if self.reorder else requests
         for req in order:
             status = self._execute(dev, req)
-            dev.ring.put_response(dev.response(req.id, req.operation, status))
+            raw = dev.response(req.id, req.operation, status)
+            dev.ring.put_response(raw)
+            if self.on_step is not None:
+                rsp = dev.response_type.from_buffer_copy(raw)
+                self.on_step("ring_response", dev.domid, {
+                    "backend": self.loop.name, "ring": dev.name,
+                    "index": (dev.ring.rsp_prod_pvt - 1) & 0xFFFF_FFFF,
+                    "struct": "blkif_response", "hex": raw.hex(),
+                    "fields": {"id": rsp.id, "operation": rsp.operation, "status": rsp.status},
+                    "id": req.id})
         dev.stats.batches += 1
         notify = dev.ring.push_responses()
         if self.on_ring_push is not None:
             self.on_ring_push(dev.name, dev.ring.rsp_prod_pvt, dev.ring.sring.rsp_event, notify)
+        if self.on_step is not None:
+            self.on_step("ring_push", dev.domid, {
+                "backend": self.loop.name, "ring": dev.name, "prod": dev.ring.rsp_prod_pvt,
+                "event": dev.ring.sring.rsp_event, "notify": notify, "req_cons": dev.ring.req_cons,
+                "batch": len(requests)})
         if notify:
             try:
                 dev.channel.notify()
                 dev.stats.notifications_sent += 1
             except EventChannelError:
-                pass
+                return
+            if self.on_step is not None:
+                self.on_step("event_send", dev.domid, {
+                    "backend": self.loop.name, "port": dev.channel.port,
+                    "remote_dom": dev.domid, "remote_port": dev.channel.remote_port})
+
+    def _step_take(self, dev: BlkifDevice, raw: bytes) -> None:
+        """A ring_take record: the request as copied out, req_cons just advanced."""
+        assert self.on_step is not None
+        req = dev.decode(raw)
+        fields = {"operation": req.operation, "nr_segments": req.nr_segments,
+                  "handle": req.handle, "id": req.id, "sector_number": req.sector_number,
+                  "seg": [{"gref": s.gref, "first_sect": s.first_sect, "last_sect": s.last_sect}
+                          for s in req.segments]}
+        self.on_step("ring_take", dev.domid, {
+            "backend": self.loop.name, "ring": dev.name, "frontend_port": dev.channel.remote_port,
+            "index": (dev.ring.req_cons - 1) & 0xFFFF_FFFF, "req_cons": dev.ring.req_cons,
+            "req_prod": dev.ring.sring.req_prod, "struct": "blkif_request",
+            "hex": raw[:ctypes.sizeof(dev.request_type)].hex(), "fields": fields,
+            "id": req.id, "op": OP_NAMES.get(req.operation, str(req.operation))})
+
+    def _step_grant(self, dev: BlkifDevice, req: BlkRequest, op: str, ref: int, status: int,
+                    before: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        assert self.on_step is not None
+        self.on_step("grant_op", dev.domid, {
+            "backend": self.loop.name, "op": op, "grantee": DOMID_DOM0, "granter": dev.domid,
+            "ref": ref, "status": status, "status_name": status_name(status),
+            "entry_before": before, "entry_after": grant_entry(dev.grant_ops, dev.domid, ref),
+            "id": req.id, **extra})
 
     def _execute(self, dev: BlkifDevice, req: BlkRequest) -> int:
         dev.stats.requests += 1
@@ -315,18 +364,26 @@ class Blkback:
         """Map every segment's grant, or none: a failure unmaps what was mapped."""
         mapped: list[tuple[int, HostFrame]] = []
         for seg in req.segments:
+            before = grant_entry(dev.grant_ops, dev.domid, seg.gref) if self.on_step else None
             status, handle, frame = dev.grant_ops.map(DOMID_DOM0, dev.domid, seg.gref, readonly)
             dev.stats.grant_ops += 1
+            if self.on_step is not None:
+                self._step_grant(dev, req, "map", seg.gref, status, before,
+                                 {"readonly": readonly, "handle": handle})
             if status != GNTST_okay or frame is None:
-                self._unmap_all(dev, mapped)
+                self._unmap_all(dev, mapped, req)
                 return None
             mapped.append((handle, frame))
         return mapped
 
-    def _unmap_all(self, dev: BlkifDevice, mapped: list[tuple[int, HostFrame]]) -> None:
-        for handle, _ in mapped:
-            dev.grant_ops.unmap(DOMID_DOM0, handle)
+    def _unmap_all(self, dev: BlkifDevice, mapped: list[tuple[int, HostFrame]],
+                   req: BlkRequest | None = None) -> None:
+        for i, (handle, _) in enumerate(mapped):
+            status = dev.grant_ops.unmap(DOMID_DOM0, handle)
             dev.stats.grant_ops += 1
+            if self.on_step is not None and req is not None:
+                ref = req.segments[i].gref
+                self._step_grant(dev, req, "unmap", ref, status, None, {"handle": handle})
 
     def _read(self, dev: BlkifDevice, req: BlkRequest) -> int:
         # The backend writes into guest memory: the grants must be writable.
@@ -342,7 +399,7 @@ class Blkback:
                 frame.view()[start:start + length] = data[pos:pos + length]
                 pos += length
         finally:
-            self._unmap_all(dev, mapped)
+            self._unmap_all(dev, mapped, req)
         dev.stats.reads += 1
         dev.stats.sectors_read += req.sectors
         return BLKIF_RSP_OKAY
@@ -357,7 +414,7 @@ class Blkback:
                 bytes(frame.view()[seg.first_sect * SECTOR_SIZE:(seg.last_sect + 1) * SECTOR_SIZE])
                 for seg, (_, frame) in zip(req.segments, mapped, strict=True))
         finally:
-            self._unmap_all(dev, mapped)
+            self._unmap_all(dev, mapped, req)
         dev.disk.write(req.sector_number, data)
         dev.stats.writes += 1
         dev.stats.sectors_written += req.sectors

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hvm.evtchn import EventChannel, EventChannelError
 from hvm.memory import PAGE_SIZE, GuestMemory
-from pv.backends import DOMID_DOM0, BackendLoop, ConnectError, FrontendLink, RingPushHook
+from pv.backends import (
+    DOMID_DOM0,
+    BackendLoop,
+    ConnectError,
+    FrontendLink,
+    RingPushHook,
+    StepHook,
+    grant_entry,
+    status_name,
+)
 from pv.grant_table import (
     DOMID_SELF,
     GNTST_NAMES,
@@ -136,6 +146,10 @@ class Vif:
         self._rx_queue: deque[Frame] = deque()
         self._rx_queue_len = rx_queue_len
         self._rx_lock = threading.Lock()
+        # Frames queued and frames taken for the rx ring, counted from 1: the queue is FIFO,
+        # so the trace's bridge_rx and ring_take records with the same rx_seq are one frame.
+        self.rx_queued_total = 0
+        self.rx_taken_total = 0
 
     @property
     def notifications_received(self) -> int:
@@ -146,11 +160,19 @@ class Vif:
         False if it was dropped (disconnected, or the guest is not taking frames)."""
         if not self.connected:
             return False
+        step = self._backend.on_step
         with self._rx_lock:
             if len(self._rx_queue) >= self._rx_queue_len:
                 self.stats.rx_dropped += 1
+                if step is not None:
+                    step("bridge_rx", self.domid, self._backend.frame_fields(
+                        self, frame, {"queued": False, "rx_seq": None}))
                 return False
             self._rx_queue.append(bytes(frame))
+            self.rx_queued_total += 1
+            if step is not None:  # under the lock: records in queue order
+                step("bridge_rx", self.domid, self._backend.frame_fields(
+                    self, frame, {"queued": True, "rx_seq": self.rx_queued_total}))
         self._backend.loop.request(self.service)
         return True
 
@@ -184,10 +206,14 @@ class Netback:
     """
 
     def __init__(self, pages: Dom0Pages, *, on_ring_push: RingPushHook | None = None,
+                 on_step: StepHook | None = None,
                  idle_wait_s: float = 0.5, rx_queue_len: int = 256,
                  max_packets_per_wakeup: int = 256, name: str = "netback") -> None:
         self.pages = pages
         self.on_ring_push = on_ring_push
+        self.on_step = on_step
+        self.tx_packets_total = 0  # tx packets taken off any ring: the trace's "packet" number
+        self._sending = threading.local()  # the packet being handed to the bridge, per thread
         self.rx_queue_len = rx_queue_len
         self.max_packets_per_wakeup = max_packets_per_wakeup
         self.loop = BackendLoop(name, idle_wait_s)
@@ -295,45 +321,85 @@ class Netback:
             if tx_notify or rx_notify:
                 self._notify(vif)
         # Hand the frames on outside the vif's lock: the bridge may deliver into another vif.
-        for frame in frames:
-            self._send(vif, frame)
+        for packet, frame in frames:
+            self._send(vif, frame, packet)
 
     def _notify(self, vif: Vif) -> None:
         try:
             vif.channel.notify()
             vif.stats.notifications_sent += 1
         except EventChannelError:
-            pass
+            return
+        if self.on_step is not None:
+            self.on_step("event_send", vif.domid, {
+                "backend": self.loop.name, "port": vif.channel.port,
+                "remote_dom": vif.domid, "remote_port": vif.channel.remote_port})
 
     def _push(self, vif: Vif, ring: BackRing, which: str) -> bool:
         notify = ring.push_responses()
+        name = f"netif_{which}/d{vif.domid}/{vif.devid}"
         if self.on_ring_push is not None:
-            self.on_ring_push(f"netif_{which}/d{vif.domid}/{vif.devid}", ring.rsp_prod_pvt,
-                              ring.sring.rsp_event, notify)
+            self.on_ring_push(name, ring.rsp_prod_pvt, ring.sring.rsp_event, notify)
+        if self.on_step is not None:
+            self.on_step("ring_push", vif.domid, {
+                "backend": self.loop.name, "ring": name, "prod": ring.rsp_prod_pvt,
+                "event": ring.sring.rsp_event, "notify": notify, "req_cons": ring.req_cons})
         return notify
 
-    def _send(self, vif: Vif, frame: bytes) -> None:
+    def _send(self, vif: Vif, frame: bytes, packet: int) -> None:
         if vif.tx_sink is None:
             return
+        if self.on_step is not None:
+            self.on_step("bridge_tx", vif.domid, self.frame_fields(vif, frame, {"packet": packet}))
+        # The bridge delivers on this thread: a vif it delivers to learns the packet number.
+        self._sending.packet = packet
         try:
             vif.tx_sink(frame)
         except Exception:  # a failing sink loses the frame, never the backend
             self.sink_errors += 1
+        finally:
+            self._sending.packet = None
+
+    def frame_fields(self, vif: Vif, frame: bytes, extra: dict[str, Any]) -> dict[str, Any]:
+        """What the trace says of a frame at the bridge: its vif, length, addresses, type."""
+        return {"backend": self.loop.name, "vif": vif.name,
+                "packet": getattr(self._sending, "packet", None), **extra, "len": len(frame),
+                "dst": frame[:6].hex(":"), "src": frame[6:12].hex(":"),
+                "ethertype": frame[12:14].hex(), "crc32": zlib.crc32(frame)}
+
+    def _step_ring(self, kind: str, vif: Vif, which: str, ring: BackRing, raw: bytes,
+                   decoded: Any, extra: dict[str, Any]) -> None:
+        """A ring_take (req_cons just advanced) or ring_response record with the slot's bytes."""
+        assert self.on_step is not None
+        fields: dict[str, Any] = {"backend": self.loop.name,
+                                  "ring": f"netif_{which}/d{vif.domid}/{vif.devid}",
+                                  "frontend_port": vif.channel.remote_port}
+        if kind == "ring_take":
+            fields.update(index=(ring.req_cons - 1) & 0xFFFF_FFFF, req_cons=ring.req_cons,
+                          req_prod=ring.sring.req_prod)
+        else:
+            fields.update(index=(ring.rsp_prod_pvt - 1) & 0xFFFF_FFFF)
+        fields.update(struct=type(decoded).__name__, hex=raw.hex(),
+                      fields={name: getattr(decoded, name) for name, *_ in decoded._fields_},
+                      **extra)
+        self.on_step(kind, vif.domid, fields)
 
     # -- tx ------------------------------------------------------------------------------------
-    def _tx(self, vif: Vif) -> tuple[list[bytes], bool]:
+    def _tx(self, vif: Vif) -> tuple[list[tuple[int, bytes]], bool]:
         ring = vif.tx_ring
-        frames: list[bytes] = []
+        frames: list[tuple[int, bytes]] = []
         notify = False
         packets = 0
         while True:
             answered = False
             while ring.unconsumed_requests() and packets < self.max_packets_per_wakeup:
-                frame = self._tx_packet(vif)
+                self.tx_packets_total += 1
+                packet = self.tx_packets_total
+                frame = self._tx_packet(vif, packet)
                 packets += 1
                 answered = True
                 if frame is not None:
-                    frames.append(frame)
+                    frames.append((packet, frame))
             if answered:
                 notify = self._push(vif, ring, "tx") or notify
             if packets >= self.max_packets_per_wakeup:
@@ -342,14 +408,17 @@ class Netback:
             if not ring.final_check_for_requests():
                 return frames, notify
 
-    def _take_tx(self, vif: Vif) -> _TxSlot:
-        req = TxRequest.from_buffer_copy(vif.tx_ring.take_request())
+    def _take_tx(self, vif: Vif, packet: int) -> _TxSlot:
+        raw = vif.tx_ring.take_request()
+        req = TxRequest.from_buffer_copy(raw)
+        if self.on_step is not None:
+            self._step_ring("ring_take", vif, "tx", vif.tx_ring, raw, req, {"packet": packet})
         return _TxSlot(req.gref, req.offset, req.flags, req.id, req.size)
 
-    def _tx_packet(self, vif: Vif) -> bytes | None:
+    def _tx_packet(self, vif: Vif, packet: int) -> bytes | None:
         """Take one packet's slots, copy its data, answer every slot; the frame or None."""
         ring = vif.tx_ring
-        first = self._take_tx(vif)
+        first = self._take_tx(vif, packet)
         slots = [first]
         extras = 0
         if first.flags & NETTXF_extra_info:
@@ -369,14 +438,17 @@ class Netback:
                 raise _ProtocolError(f"packet of more than {XEN_NETIF_NR_SLOTS_MIN} slots")
             if not ring.unconsumed_requests():
                 raise _ProtocolError("packet ends in a slot with NETTXF_more_data")
-            slots.append(self._take_tx(vif))
-        frame = self._tx_copy(vif, slots)
+            slots.append(self._take_tx(vif, packet))
+        frame = self._tx_copy(vif, slots, packet)
         status = NETIF_RSP_OKAY if frame is not None else NETIF_RSP_ERROR
         # One response per slot, in slot order: the first, its extras, then the fragments.
         for i, slot in enumerate(slots):
             rsp = TxResponse()
             rsp.id, rsp.status = slot.id, status
             ring.put_response(bytes(rsp))
+            if self.on_step is not None:
+                self._step_ring("ring_response", vif, "tx", ring, bytes(rsp), rsp,
+                                {"packet": packet})
             if i == 0:
                 for _ in range(extras):
                     null = TxResponse()
@@ -389,7 +461,7 @@ class Netback:
         vif.stats.tx_bytes += len(frame)
         return frame
 
-    def _tx_copy(self, vif: Vif, slots: list[_TxSlot]) -> bytes | None:
+    def _tx_copy(self, vif: Vif, slots: list[_TxSlot], packet: int) -> bytes | None:
         # The first slot's size is the whole packet's; each further slot carries its own part.
         rest = sum(s.size for s in slots[1:])
         first_len = slots[0].size - rest
@@ -402,21 +474,27 @@ class Netback:
         for slot, length in zip(slots, lengths, strict=True):
             if length == 0:
                 continue
-            data = self._copy_from_guest(vif, slot.gref, slot.offset, length)
+            data = self._copy_from_guest(vif, slot.gref, slot.offset, length, packet)
             if data is None:
                 return None
             frame += data
         return bytes(frame)
 
-    def _copy_from_guest(self, vif: Vif, gref: int, offset: int, length: int) -> bytes | None:
+    def _copy_from_guest(self, vif: Vif, gref: int, offset: int, length: int,
+                         packet: int) -> bytes | None:
         pfn = self.pages.take()
         if pfn is None:
             return None
         try:
             op = Copy(CopyPtr(gref, vif.domid, offset), CopyPtr(pfn, DOMID_SELF, 0), length,
                       GNTCOPY_source_gref)
+            before = grant_entry(vif.grant_ops, vif.domid, gref) if self.on_step else None
             status = vif.grant_ops.copy(DOMID_DOM0, [op])[0]
             vif.stats.grant_ops += 1
+            if self.on_step is not None:
+                self._step_grant(vif, "copy", gref, status, before, {
+                    "packet": packet, "from": "guest", "offset": offset, "len": length,
+                    "dom0_pfn": pfn})
             if status != GNTST_okay:
                 return None
             vif.stats.bytes_copied += length
@@ -438,17 +516,27 @@ class Netback:
                 if ring.final_check_for_requests():
                     continue
                 break
-            req = RxRequest.from_buffer_copy(ring.take_request())
+            raw = ring.take_request()
+            req = RxRequest.from_buffer_copy(raw)
             with vif._rx_lock:
                 frame = vif._rx_queue.popleft()
-            status = self._rx_one(vif, req.gref, frame)
+                vif.rx_taken_total += 1
+                seq = vif.rx_taken_total
+            if self.on_step is not None:
+                self._step_ring("ring_take", vif, "rx", ring, raw, req, {
+                    "rx_seq": seq, "vif": vif.name, "rx_mode": vif.rx_mode, "len": len(frame),
+                    "crc32": zlib.crc32(frame)})
+            status = self._rx_one(vif, req.gref, frame, seq)
             rsp = RxResponse()
             rsp.id, rsp.offset, rsp.flags, rsp.status = req.id, 0, 0, status
             ring.put_response(bytes(rsp))
+            if self.on_step is not None:
+                self._step_ring("ring_response", vif, "rx", ring, bytes(rsp), rsp,
+                                {"rx_seq": seq})
             answered = True
         return self._push(vif, ring, "rx") if answered else False
 
-    def _rx_one(self, vif: Vif, gref: int, frame: bytes) -> int:
+    def _rx_one(self, vif: Vif, gref: int, frame: bytes, seq: int = 0) -> int:
         """Put `frame` into the buffer of grant `gref`: its length, or NETIF_RSP_ERROR."""
         if len(frame) > PAGE_SIZE:
             vif.stats.rx_dropped += 1
@@ -461,6 +549,7 @@ class Netback:
             # The frame goes into a Dom0 page first (as it sits in Dom0's socket buffer)...
             page = self.pages.memory.p2m(pfn).view()
             page[:len(frame)] = frame
+            before = grant_entry(vif.grant_ops, vif.domid, gref) if self.on_step else None
             if vif.rx_mode == RX_FLIP:
                 # ...and the page itself becomes the guest's (the rest zeroed: no Dom0 data).
                 page[len(frame):] = bytes(PAGE_SIZE - len(frame))
@@ -468,6 +557,9 @@ class Netback:
                 vif.stats.grant_ops += 1
                 if status == GNTST_okay:
                     vif.stats.flips += 1
+                if self.on_step is not None:
+                    self._step_grant(vif, "transfer", gref, status, before, {
+                        "rx_seq": seq, "dom0_pfn": pfn, "len": len(frame)})
             else:
                 op = Copy(CopyPtr(pfn, DOMID_SELF, 0), CopyPtr(gref, vif.domid, 0), len(frame),
                           GNTCOPY_dest_gref)
@@ -475,6 +567,10 @@ class Netback:
                 vif.stats.grant_ops += 1
                 if status == GNTST_okay:
                     vif.stats.bytes_copied += len(frame)
+                if self.on_step is not None:
+                    self._step_grant(vif, "copy", gref, status, before, {
+                        "rx_seq": seq, "to": "guest", "offset": 0, "len": len(frame),
+                        "dom0_pfn": pfn})
         finally:
             # After a flip Dom0's frame `pfn` is backed by the guest's old page: still ours.
             self.pages.give(pfn)
@@ -484,6 +580,22 @@ class Netback:
         vif.stats.rx_frames += 1
         vif.stats.rx_bytes += len(frame)
         return len(frame)
+
+    def _step_grant(self, vif: Vif, op: str, gref: int, status: int,
+                    before: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        """A grant_op record: the op on `vif`'s domain's grant `gref`, its status, the entry
+        before and after; into the guest (rx), the first bytes of the page the entry names."""
+        assert self.on_step is not None
+        after = grant_entry(vif.grant_ops, vif.domid, gref)
+        fields: dict[str, Any] = {"backend": self.loop.name, "op": op, "grantee": DOMID_DOM0,
+                                  "granter": vif.domid, "ref": gref, "status": status,
+                                  "status_name": status_name(status), "entry_before": before,
+                                  "entry_after": after, **extra}
+        if extra.get("rx_seq") is not None and status == GNTST_okay and after is not None:
+            memory = vif.grant_ops.domains.get(vif.domid)
+            if memory is not None:
+                fields["page_head"] = memory.read(after["frame"] * PAGE_SIZE, 16).hex()
+        self.on_step("grant_op", vif.domid, fields)
 
     # -- xenbus --------------------------------------------------------------------------------
     def vif_driver(self, link: FrontendLink, devid: int,
