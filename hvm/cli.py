@@ -98,15 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    explain = sub.add_parser("explain", help="walk one I/O through the 9 steps of the HVM flow",
+    explain = sub.add_parser("explain", help="walk one I/O through the 9 steps of the HVM flow "
+                                             "(--pv: one packet through the 7 steps of the PV flow)",
                              description="Run a guest and walk one of its device-model I/Os through "
                                          "the nine steps of Xen's HVM I/O path: the VMCS at the exit, "
                                          "the ioreq bytes, the device's answer, and when each step "
-                                         "happened.", epilog=STATUS_HELP,
+                                         "happened. With --pv, run a PV machine file (default: "
+                                         "examples/pv-net.toml) and walk one network packet (or, "
+                                         "without vifs, one blkif request) through the seven steps "
+                                         "of the PV flow: the ring entries and grant entries as "
+                                         "bytes, and when each step happened.", epilog=STATUS_HELP,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    explain.add_argument("guest", metavar="GUEST", help=".asm, .bin, ELF, or a shipped guest's name")
-    explain.add_argument("--io", type=_nonneg_int, default=0, metavar="N",
-                         help="which device-model I/O to explain (0 = the first)")
+    explain.add_argument("guest", metavar="GUEST", nargs="?",
+                         help=".asm, .bin, ELF, or a shipped guest's name (with --pv: MACHINE.toml, "
+                              "optional)")
+    explain.add_argument("--pv", action="store_true",
+                         help="explain the PV path: GUEST is a machine file as for `hvmlab up`")
+    explain.add_argument("--io", type=_nonneg_int, default=None, metavar="N",
+                         help="which device-model I/O to explain (0 = the first); with --pv, which "
+                              "packet (default: the first that reached another domain)")
     explain.add_argument("--placement", choices=["xen", "all-dm"], default="xen",
                          help="where devices are emulated (all-dm: every port reaches the device model)")
     explain.add_argument("--disk", type=Path, metavar="FILE", help="raw disk image for the IDE master")
@@ -186,14 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print figures (not tests)",
                            description="Measure costs in one run and print each figure with its ratio "
                                        "to a baseline measured in the same run.")
-    bench.add_argument("what", choices=["vmexit", "ioreq"],
+    bench.add_argument("what", choices=["vmexit", "ioreq", "pv"],
                        help="vmexit: exit costs vs a bare Unicorn hook; ioreq: device-model round trips "
-                            "vs a bare thread hand-off")
+                            "vs a bare thread hand-off; pv: blkback and netback round trips vs the same "
+                            "hand-off")
     bench.add_argument("--json", action="store_true", help="one JSON object")
     bench.add_argument("--exits", type=_nonneg_int, default=200_000, metavar="N",
                        help="exits per measurement (default 200000)")
-    bench.add_argument("--ios", type=_nonneg_int, default=5000, metavar="N",
-                       help="I/Os per measurement for `bench ioreq` (default 5000)")
+    bench.add_argument("--ios", type=_nonneg_int, default=None, metavar="N",
+                       help="I/Os per measurement for `bench ioreq` (default 5000) and `bench pv` "
+                            "(requests or packets; default there 2000)")
     bench.add_argument("--memory-exits", type=_nonneg_int, default=1_000_000, metavar="N",
                        help="exits for the memory-growth check (default 1000000)")
 
@@ -205,10 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                     help="where disk images and captures named in the file live (default .)")
     up.add_argument("--json", action="store_true", help="one JSON object with every domain's ending")
+    up.add_argument("--trace", type=Path, metavar="FILE",
+                    help="one trace of every PV domain and Dom0's backends (hypercalls, events, ring "
+                         "takes and pushes, grant ops, the bridge); an HVM domain writes its own "
+                         "beside it as FILE.<name>.jsonl")
 
     abi = sub.add_parser("abi", help="sizes and offsets of the Xen structures hvmlab shares",
                          description="Every shared structure's size and field offsets (Xen public headers).")
     abi.add_argument("--json", action="store_true", help="one JSON object")
+    # (compare, sweep and calibrate: being added)
     return parser
 
 
@@ -234,14 +251,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .bench import bench_ioreq, bench_vmexit
 
             if args.what == "ioreq":
-                return bench_ioreq(args.ios, args.json)
+                return bench_ioreq(5000 if args.ios is None else args.ios, args.json)
+            if args.what == "pv":
+                from pv.bench_pv import DEFAULT_IOS, bench_pv
+
+                return bench_pv(DEFAULT_IOS if args.ios is None else args.ios, args.json)
             return bench_vmexit(args.exits, args.memory_exits, args.json)
         if args.command == "up":
             from pv.toolstack import main_up
 
-            return main_up(args.machine, args.out, args.json)
+            return main_up(args.machine, args.out, args.json, args.trace)
         if args.command == "abi":
             return _abi(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         parser.print_help()
         return status.BAD_INPUT
     except UsageError as exc:
@@ -345,14 +372,24 @@ def _run(args: argparse.Namespace) -> int:
 def _explain(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.pv:
+        from pv.explain_pv import ExplainPvError, explain_pv
+
+        try:
+            return explain_pv(Path(args.guest) if args.guest else None, args.io, Console())
+        except ExplainPvError as exc:
+            print(f"hvmlab: error: {exc}", file=sys.stderr)
+            return status.BAD_INPUT
     from .explain import ExplainError, explain
     from .loader import LoadError, load, parse_mode
     from .machine import RunOptions
 
+    if args.guest is None:
+        raise UsageError("explain needs GUEST (or --pv [MACHINE.toml]); see 'hvmlab explain --help'")
     try:
         image = load(args.guest, parse_mode(args.mode))
         options = RunOptions(timeout_s=args.timeout or None, placement=args.placement, disk=args.disk)
-        return explain(image, options, args.io, Console())
+        return explain(image, options, args.io or 0, Console())
     except (LoadError, ExplainError) as exc:
         print(f"hvmlab: error: {exc}", file=sys.stderr)
         return status.BAD_INPUT
@@ -452,6 +489,183 @@ def _abi(args: argparse.Namespace) -> int:
         table.add_row(name, str(info["size"]), fields)
     Console().print(table)
     return 0
+
+
+COMPARE_STATUS_HELP = """\
+exit statuses:
+  0          the comparison was printed and the files asked for were written
+  2          bad input: unknown workload or profile, bad option or --param
+  8          a workload's data came back wrong (sector bytes, frame bytes, console text) or a
+             run failed: the command says which in one line and reports no cost at all"""
+
+COMPARE_EPILOG = f"""\
+Every path of the workload runs --repeats times: counts come from the real trace of the
+first run, wall times are medians over the runs (min-max shown). Modeled cycles are the
+counts times the per-event costs of --profile (shipped: kvm-2012, kvm-2024, vmware-2001; or
+a TOML file written by `hvmlab calibrate`).
+
+workloads: console, disk-read, disk-write, net-send, net-recv, port-hv, port-dm, hypercall,
+evtchn
+
+examples:
+  hvmlab compare disk-read --ios 100 --size 4K
+  hvmlab compare disk-read --batch 8 --json
+  hvmlab compare net-recv --plot net-recv.png --timeline net-recv.perfetto.json
+  hvmlab sweep disk-read --param size=512,4096,65536 --param ios=10,100 -o sweep/
+
+{COMPARE_STATUS_HELP}"""
+
+
+def _byte_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmKM]?)(i?[bB])?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: use e.g. 512, 4K or 64KiB")
+    value = int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20}[m.group(2).lower()]
+    if value < 1:
+        raise argparse.ArgumentTypeError("a size must be at least 1 byte")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _add_compare_parsers(sub: Any) -> None:
+    from .compare import DEFAULT_PROFILE, DEFAULT_REPEATS
+
+    compare = sub.add_parser(
+        "compare", help="one workload on the HVM and PV paths: counts, wall time, modeled cost per I/O",
+        description="Run one workload as an HVM guest (emulated device: exits and device-model "
+                    "round trips) and as a PV guest (split driver: rings, event channels, grants), "
+                    "verify its data, and show what one I/O costs on each path: every counter per "
+                    "I/O side by side, the HVM/PV ratio, and where the difference comes from.",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    compare.add_argument("workload", metavar="WORKLOAD", help="e.g. disk-read, net-send, console")
+    compare.add_argument("--ios", type=_pos_int, metavar="N", help="I/Os per run (default: the workload's)")
+    compare.add_argument("--size", type=_byte_size, metavar="BYTES",
+                         help="bytes per I/O where it applies: request or frame size (e.g. 4K)")
+    compare.add_argument("--batch", type=_pos_int, default=1, metavar="N",
+                         help="PV: requests queued per notification (default 1)")
+    compare.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
+                         help=f"cost profile for the modeled cycles (default {DEFAULT_PROFILE})")
+    compare.add_argument("--repeats", type=_pos_int, default=DEFAULT_REPEATS, metavar="N",
+                         help=f"runs per path; wall times are their median (default {DEFAULT_REPEATS})")
+    compare.add_argument("--no-microbench", action="store_true",
+                         help="skip the microbenchmarks (port-hv, hypercall) the wall times are read against")
+    fmt = compare.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="exactly one JSON object on stdout")
+    fmt.add_argument("--csv", action="store_true", help="CSV on stdout: one row per path x counter")
+    compare.add_argument("--plot", type=Path, metavar="FILE.png",
+                         help="a PNG: modeled cost per I/O by component, and measured wall time")
+    compare.add_argument("--timeline", type=Path, metavar="FILE.json",
+                         help="Perfetto trace (ui.perfetto.dev) of one I/O on each path, side by side")
+    compare.add_argument("--out", type=Path, metavar="DIR",
+                         help="keep the runs' traces and images in DIR (default: a temporary directory)")
+
+    sweep = sub.add_parser(
+        "sweep", help="compare over a grid of parameters in worker processes: CSV and a plot",
+        description="Run `hvmlab compare WORKLOAD` at every combination of the --param values in "
+                    "worker processes, and write DIR/WORKLOAD-sweep.csv (one row per point and path) "
+                    "and DIR/WORKLOAD-sweep.png (cost per I/O against the parameter, every path).",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("workload", metavar="WORKLOAD")
+    sweep.add_argument("--param", action="append", default=[], metavar="NAME=V1,V2,...",
+                       help="a swept parameter: size, ios or batch (repeat for a grid)")
+    sweep.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
+                       help=f"cost profile (default {DEFAULT_PROFILE})")
+    sweep.add_argument("--workers", type=_pos_int, default=2, metavar="N",
+                       help="worker processes (default 2)")
+    sweep.add_argument("--repeats", type=_pos_int, default=1, metavar="N",
+                       help="runs per path at each point (default 1: a sweep shows trends)")
+    sweep.add_argument("-o", "--out", type=Path, default=Path("hvmlab-sweep"), metavar="DIR",
+                       help="where the CSV and PNG go (default ./hvmlab-sweep)")
+
+    calibrate = sub.add_parser(
+        "calibrate", help="write a cost profile measured on this machine",
+        description="Measure hvmlab's own costs (exits, device-model round trips, PV hypercalls "
+                    "and events) and, when /dev/kvm is usable, real KVM exit costs, and write them "
+                    "as a profile for `hvmlab compare --profile FILE`.")
+    calibrate.add_argument("-o", "--output", type=Path, default=Path("hvmlab-profile.toml"),
+                           metavar="FILE", help="the profile to write (default ./hvmlab-profile.toml)")
+
+
+def _compare_failed(exc: BaseException) -> int:
+    print(f"hvmlab: error: {exc}", file=sys.stderr)
+    return status.INTERNAL
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from rich.console import Console
+
+    from . import compare as cmp_mod
+    from .compare import CompareError, UnverifiedData
+    from .workloads import WorkloadError
+
+    err = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="hvmlab-compare-") as scratch:
+        out_dir = args.out if args.out is not None else Path(scratch)
+        try:
+            with err.status("compare") as spinner:
+                cmp = cmp_mod.compare(args.workload, args.ios, args.size, args.profile, out_dir, args.batch,
+                              repeats=args.repeats, micro=not args.no_microbench,
+                              on_run=lambda what: spinner.update(f"running {what}"))
+        except CompareError as exc:
+            raise UsageError(str(exc)) from None
+        except (WorkloadError, UnverifiedData) as exc:
+            return _compare_failed(exc)
+        except Exception as exc:  # noqa: BLE001 - one line and status 8, never a traceback
+            return _compare_failed(RuntimeError(f"compare {args.workload} failed: "
+                                                f"{type(exc).__name__}: {exc}"))
+        if args.json:
+            print(json.dumps(cmp.to_json()))
+        elif args.csv:
+            sys.stdout.write(cmp_mod.to_csv_text(cmp))
+        else:
+            cmp_mod.render_table(cmp, Console())
+        if args.plot is not None:
+            from .compare_plot import plot_comparison
+
+            print(f"hvmlab: wrote {plot_comparison(cmp, args.plot)}", file=sys.stderr)
+        if args.timeline is not None:
+            with open(args.timeline, "w", encoding="utf-8") as handle:
+                cmp_mod.write_timeline(cmp, handle)
+            print(f"hvmlab: wrote {args.timeline} (open it in ui.perfetto.dev)", file=sys.stderr)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .compare import CompareError, UnverifiedData
+    from .sweep import parse_params, sweep
+    from .workloads import WorkloadError
+
+    try:
+        params = parse_params(args.param)
+        result = sweep(args.workload, params, args.profile, args.out, workers=args.workers,
+                       repeats=args.repeats, console=Console(stderr=True))
+    except CompareError as exc:
+        raise UsageError(str(exc)) from None
+    except (WorkloadError, UnverifiedData) as exc:
+        return _compare_failed(exc)
+    except Exception as exc:  # noqa: BLE001 - one line and status 8, never a traceback
+        return _compare_failed(RuntimeError(f"sweep {args.workload} failed: "
+                                            f"{type(exc).__name__}: {exc}"))
+    print(f"hvmlab: {len(result.rows)} rows in {result.csv_path}; cost per I/O against "
+          f"{result.x_param} in {result.png_path}", file=sys.stderr)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+
+    result = calibrate(args.output)
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -64,8 +64,10 @@ Trace (hvm/trace.py lines, extra fields "domid" and below): HYPERCALL 256 + numb
 EVENT_SEND 512 ("port", "direction" out|in, and for out "remote_dom", "remote_port"),
 UPCALL 513 ("port", "ports", "callback"), BLOCK 514 ("op", "woken_by", "port", "ports";
 latency_ns = time asleep), RING_PUSH 515 (from backends through
-domain.on_ring_push(ring, prod, event, notify)). The names come from pv.trace_pv.reason_name
-(hvm/trace.py does not know them yet: it prints UNKNOWN_<code> as `reason`).
+domain.on_ring_push(ring, prod, event, notify)), GRANT_OP 517 for the guest's own
+map/unmap/copy/transfer ("by": "guest", "op", "status", "entry_before", "entry_after"). The
+backends' steps (RING_TAKE 516 ... RING_RESPONSE 520) come through their on_step hook (see
+pv.trace_pv). Names: pv.trace_pv.reason_name and hvm.exit_reasons.PV_RECORD_NAMES.
 
 XenStore. /local/domain/<id> is made as the toolstack does (pv.xenbus.make_domain_home),
 with store/port, store/ring-ref, console/port, console/ring-ref, console/type; the ring page
@@ -79,7 +81,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from hvm.boot import PROTECTED_STACK
 from hvm.console import ConsoleSink
@@ -93,7 +95,7 @@ from pv.gnttab_pv import GuestGrantTable
 from pv.grant_table import Domain, GrantOps
 from pv.hypercalls import Callbacks, Hypercalls
 from pv.shared_info import SharedInfo, StartInfo
-from pv.trace_pv import PvTracer
+from pv.trace_pv import PvTracer, TracedGrantOps
 from pv.vcpu_pv import PvVcpu
 from pv.xenbus import XsClient, make_domain_home
 from pv.xenstored import Xenstored
@@ -174,7 +176,10 @@ class PvDomain:
         status = self.grant_ops.setup_table(domid, list(GRANT_FRAMES))
         if status != 0:  # pragma: no cover - the frames are RAM by construction
             raise LoadError(f"cannot set up the grant table of domain {domid}: status {status}")
-        self.gnttab = GuestGrantTable(domid, self.memory, self.grant_ops, GRANT_FRAMES,
+        # Traced, the guest's own map/unmap/copy/transfer become GRANT_OP records of this domain.
+        guest_ops = self.grant_ops if tracer is None else \
+            cast(GrantOps, TracedGrantOps(self.grant_ops, tracer, domid))
+        self.gnttab = GuestGrantTable(domid, self.memory, guest_ops, GRANT_FRAMES,
                                       FIXED_PFNS, dom0.exists)
         self.callbacks = Callbacks()
         t0 = tracer.t0_ns if tracer is not None else None

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from hvm.trace import TraceWriter
+from pv.backends import grant_entry, status_name
+from pv.grant_table import (
+    DOMID_SELF,
+    Copy,
+    GNTCOPY_dest_gref,
+    GNTCOPY_source_gref,
+    GrantOps,
+    MapResult,
+)
 
 HYPERCALL_BASE = 256  # reason_code = 256 + hypercall number
 EVENT_SEND = 512  # an event on a port: the guest's EVTCHNOP_send ("out") or one arriving ("in")
@@ -99,3 +109,64 @@ class PvTracer:
         with self._lock:
             self.writer.close(summary)
 
+
+
+class TracedGrantOps:
+    """The shared GrantOps as one domain's grant_table_op hypercalls use it, recording each
+    map, unmap, copy and transfer they make as a GRANT_OP record of that domain (handled by
+    the hypervisor) with its status and the grant entry's bytes before and after. Everything
+    else is the GrantOps itself."""
+
+    def __init__(self, ops: GrantOps, tracer: PvTracer, domid: int) -> None:
+        self._ops = ops
+        self._tracer = tracer
+        self._domid = domid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ops, name)
+
+    def _record(self, op: str, granter: int | None, ref: int | None, status: int,
+                before: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+        after = grant_entry(self._ops, granter, ref) if granter is not None and ref is not None \
+            else None
+        self._tracer.record(GRANT_OP, domid=self._domid, extra={
+            "op": op, "by": "guest", "granter": granter, "ref": ref, "status": status,
+            "status_name": status_name(status), "entry_before": before, "entry_after": after,
+            **extra})
+
+    def map(self, grantee: int, granter: int, ref: int, readonly: bool = False) -> MapResult:
+        before = grant_entry(self._ops, granter, ref)
+        result = self._ops.map(grantee, granter, ref, readonly)
+        self._record("map", granter, ref, result.status, before,
+                     {"grantee": grantee, "readonly": readonly, "handle": result.handle})
+        return result
+
+    def unmap(self, grantee: int, handle: int) -> int:
+        status = self._ops.unmap(grantee, handle)
+        self._record("unmap", None, None, status, None, {"grantee": grantee, "handle": handle})
+        return status
+
+    def copy(self, caller: int, ops: Sequence[Copy]) -> list[int]:
+        befores = [self._copy_entry(caller, op) for op in ops]
+        statuses = self._ops.copy(caller, ops)
+        for op, status, (granter, ref, before) in zip(ops, statuses, befores, strict=True):
+            self._record("copy", granter, ref, status, before, {
+                "source": [op.source.ref, op.source.domid, op.source.offset],
+                "dest": [op.dest.ref, op.dest.domid, op.dest.offset], "len": op.len,
+                "flags": op.flags})
+        return statuses
+
+    def _copy_entry(self, caller: int, op: Copy) -> tuple[int | None, int | None,
+                                                          dict[str, Any] | None]:
+        """The grant a copy goes through (the source's if it is by ref, else the dest's)."""
+        for ptr, flag in ((op.source, GNTCOPY_source_gref), (op.dest, GNTCOPY_dest_gref)):
+            if op.flags & flag:
+                granter = caller if ptr.domid == DOMID_SELF else ptr.domid
+                return granter, ptr.ref, grant_entry(self._ops, granter, ptr.ref)
+        return None, None, None
+
+    def transfer(self, sender: int, gfn: int, receiver: int, ref: int) -> int:
+        before = grant_entry(self._ops, receiver, ref)
+        status = self._ops.transfer(sender, gfn, receiver, ref)
+        self._record("transfer", receiver, ref, status, before, {"gfn": gfn})
+        return status
