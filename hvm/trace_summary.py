@@ -21,7 +21,8 @@ REQUIRED_FIELDS: dict[str, type] = {
     "latency_ns": int,
 }
 
-# Optional fields that, when present, must have this type (None allowed for `data` only).
+# Optional fields that, when present, must have this type (None allowed for `data`, and for
+# `port` in PV records: a SCHEDOP_poll that timed out woke on no port).
 OPTIONAL_FIELDS: dict[str, type] = {
     "reason_code": int,
     "qualification": int,
@@ -38,6 +39,7 @@ OPTIONAL_FIELDS: dict[str, type] = {
 }
 
 IO_DIRECTIONS = ("in", "out")
+IO_REASONS = frozenset({"IO_INSTRUCTION"})
 
 
 class TraceError(ValueError):
@@ -64,7 +66,7 @@ def _record_problem(obj: Any) -> str | None:
         if obj[name] < 0:
             return f"field {name!r} is negative ({obj[name]})"
     for name, expected in OPTIONAL_FIELDS.items():
-        if name not in obj or (name == "data" and obj[name] is None):
+        if name not in obj or (name in ("data", "port") and obj[name] is None):
             continue
         if not _type_ok(obj[name], expected):
             return f"field {name!r} should be {expected.__name__}, got {obj[name]!r}"
@@ -228,7 +230,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> Summary:
         total_samples += 1
         total_ns += latency
         port = record.get("port")
-        if isinstance(port, int) and not isinstance(port, bool):
+        # I/O ports only: PV records name event-channel ports, which are not I/O.
+        if isinstance(port, int) and not isinstance(port, bool) and reason in IO_REASONS:
             direction = str(record.get("direction", "?"))
             key = (port, direction)
             pstats = ports.get(key)

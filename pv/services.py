@@ -29,7 +29,9 @@ class BlkService:
     """blkback serving one raw image as the domain's xvda."""
 
     def __init__(self, dom0: Any, domain: Any, disk: Path, reorder: bool = False) -> None:
-        self.blkback = Blkback(reorder=reorder, on_ring_push=domain.on_ring_push)
+        tracer = getattr(domain, "tracer", None)
+        self.blkback = Blkback(reorder=reorder, on_ring_push=domain.on_ring_push,
+                               on_step=tracer.step if tracer is not None else None)
         self.glue = XenbusGlue(dom0.xs_client(), "vbd")
         self.disk = FileBlockBackend(disk)
         self.glue.add_device(domain.domid, XVDA, self.blkback.vbd(domain, XVDA, self.disk))

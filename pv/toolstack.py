@@ -179,6 +179,20 @@ class MachineResult:
                 "wall_s": round(self.wall_s, 6), "domains": [d.__dict__ for d in self.domains]}
 
 
+class _PushRouter:
+    """One RingPushHook for backends that serve every domain: the ring's name says whose it is
+    ("blkif/d1/51712", "netif_rx/d2/0", "xencons/d1"), and that domain counts and traces it."""
+
+    def __init__(self) -> None:
+        self.domains: dict[int, PvDomain] = {}
+
+    def __call__(self, ring: str, prod: int, event: int, notify: bool) -> None:
+        m = re.search(r"/d(\d+)", ring)
+        domain = self.domains.get(int(m.group(1))) if m else None
+        if domain is not None:
+            domain.on_ring_push(ring, prod, event, notify)
+
+
 def _mac(text: str, where: str) -> bytes:
     try:
         mac = bytes(int(part, 16) for part in text.split(":"))
@@ -229,10 +243,11 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
     bridge = Bridge(pcap)
     dom0 = Dom0()
     dom0.start()
-    console_backend = ConsoleBackend()
-    blkback = Blkback(reorder=spec.blk_reorder, on_step=on_step)
+    pushes = _PushRouter()  # shared backends: each ring push is counted by its own domain
+    console_backend = ConsoleBackend(on_ring_push=pushes)
+    blkback = Blkback(reorder=spec.blk_reorder, on_step=on_step, on_ring_push=pushes)
     netback = Netback(Dom0Pages(dom0.memory, [dom0.alloc_frame() for _ in range(NETBACK_PAGES)]),
-                      on_step=on_step)
+                      on_step=on_step, on_ring_push=pushes)
     vbd_glue = XenbusGlue(dom0.xs_client(), "vbd")
     vif_glue = XenbusGlue(dom0.xs_client(), "vif")
     services: list[Any] = [console_backend, blkback, netback, vbd_glue, vif_glue]
@@ -251,6 +266,7 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
             if d.kind == "pv":
                 domain = dom0.create_pv_domain(image, name=d.name, mem=d.memory_mib << 20,
                                                console=sink, tracer=tracer)
+                pushes.domains[domain.domid] = domain
                 console_backend.attach(domain, domain.console_gfn, domain.console_port, domain.console)
                 for n, disk_spec in enumerate(d.disks):
                     disk = _disk(disk_spec)
