@@ -139,8 +139,11 @@ class Hypervisor:
         re-arm the host timer, and leave the guest for VM entry if INTR is now asserted (an
         inline exit does not pass through VM entry by itself)."""
         assert self.platform is not None
+        deadline = self.next_timer_deadline_ns()
         if vcpu.host_timer is not None:
-            vcpu.host_timer.arm(self.next_timer_deadline_ns())
+            vcpu.host_timer.arm(deadline)
+        if deadline is not None and not vcpu.running_sliced and vcpu.in_guest:
+            vcpu.engine.stop()  # from the vCPU's own thread: exact; the next run goes in slices
         with self.platform.lock:
             pending = self.platform.pic.has_interrupt()
         if pending:
@@ -181,6 +184,15 @@ class Hypervisor:
     def _interrupt_window(self, vcpu: Vcpu, x: ExitInfo) -> None:
         """The guest can take interrupts again: the next VM entry injects (check_interrupts)."""
         vcpu.controls.interrupt_window_exiting = False
+
+    def interrupts_may_arrive(self) -> bool:
+        """Can an interrupt come from another thread while the guest runs: a device timer is
+        armed, or the NIC takes frames from a bridge? Then the vCPU runs in exact slices.
+        (Interrupts raised while the vCPU handles an exit stop it from its own thread.)"""
+        platform = self.platform
+        if platform is None:
+            return False
+        return platform.nic_connected or self.next_timer_deadline_ns() is not None
 
     def next_timer_deadline_ns(self) -> int | None:
         return self.platform.next_deadline_ns() if self.platform is not None else None

@@ -122,6 +122,7 @@ class Platform:
     pci_in_hypervisor: bool          # Xen latches 0xCF8 itself and sends PCI_CONFIG ioreqs
     frames_sent: list[bytes] = field(default_factory=list)
     nic_lock: threading.Lock = field(default_factory=threading.Lock)
+    nic_connected: bool = False  # frames come in from a bridge's thread
 
     def receive_frame(self, frame: bytes) -> bool:
         """A frame for the NE2000 from outside (the bridge's thread): under the card's lock."""
@@ -245,5 +246,5 @@ def build(options: PlatformOptions, clock: Clock, console: Callable[[bytes], Non
         timers=[pit, rtc], shutdown=shutdown, vga=vga, ide=ide, uart=uart, ne2000=ne2000,
         pcap=pcap, disk=disk, mmio_ranges=[(VGA_TEXT_BASE, VGA_WINDOW, "vga-text")],
         buffered_ports=frozenset(options.buffered_ports), pci_in_hypervisor=in_hypervisor,
-        frames_sent=frames, nic_lock=nic_lock,
+        frames_sent=frames, nic_lock=nic_lock, nic_connected=options.nic_tx is not None,
     )

@@ -22,7 +22,13 @@ from .status import LIMIT, GuestEnded
 from .trace import TraceWriter
 
 WINDOW_STEPS = 20000  # ~4 us each: up to ~80 ms of exact stepping before slicing
-WINDOW_SLICE_US = 1000
+WINDOW_SLICE_INSNS = 20_000
+# While the guest can take interrupts (IF=1), it runs in slices of this many instructions, so
+# the hypervisor regains control at an exact instruction boundary to inject what devices and
+# timers raised. Stopping Unicorn from another thread instead (uc_emu_stop) is NOT exact: the
+# stop can land after an instruction ran but before RIP moved, and resuming runs it again
+# (measured here; Unicorn issue #1355). That is only acceptable for a stop that ends the run.
+GUEST_SLICE_INSNS = 200_000
 HOST_TIMER_VECTOR = 0xEC  # the host's local-timer vector (Linux LOCAL_TIMER_VECTOR) seen at the exit
 
 
@@ -73,6 +79,9 @@ class Vcpu:
         self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
         self._kicked = threading.Event()
+        self._thread_id = threading.get_ident()  # the vCPU thread (Vcpu is built on it)
+        self.running_sliced = False  # the current run stops every GUEST_SLICE_INSNS instructions
+        self.in_guest = False  # inside engine.run (a hook may stop it; outside, a stop would linger)
         self.wake = threading.Event()          # set when a halted vCPU has something to look at
         self.halted = False                    # blocked in HLT, waiting for an interrupt
         self.host_timer: HostTimer | None = None
@@ -467,11 +476,10 @@ class Vcpu:
         if self.halted:
             self.wake.set()
             return None
-        if retry and not self._kicked.is_set():
-            return None
+        # The running vCPU notices at its next slice boundary (an exact stop; see
+        # GUEST_SLICE_INSNS), records the EXTERNAL_INTERRUPT exit and runs the timers.
         self._kicked.set()
-        self.engine.stop()
-        return 2_000_000
+        return None
 
     # -- the run loop ----------------------------------------------------------------------------
     def run(self, wait_for_interrupt: Callable[[Vcpu], bool]) -> GuestEnded:
@@ -496,7 +504,13 @@ class Vcpu:
             self._window_step()
             return
         self.interrupt_shadow = False
-        stop = self.engine.run(self.linear_pc())  # emu_start sets RIP from `begin`: the current one
+        sliced = self.running_sliced = self.hv.interrupts_may_arrive()  # type: ignore[attr-defined]
+        # emu_start sets RIP from `begin`: the current one
+        self.in_guest = True
+        try:
+            stop = self.engine.run(self.linear_pc(), count=GUEST_SLICE_INSNS if sliced else 0)
+        finally:
+            self.in_guest = False
         exc = stop.hook_exception
         if exc is not None:
             if isinstance(exc, GuestEnded):
@@ -505,13 +519,15 @@ class Vcpu:
         event, self._event = self._event, None
         if event is not None:
             self._exception_or_soft(*event)
-        elif self._kicked.is_set():
-            self._external_interrupt()
-        elif stop.error is None and self._entry_check and not self._after_hlt():
-            self._entry_check = False  # only to let VM entry inject what a device raised
-        elif stop.error is None:
+        elif stop.error is None and self._after_hlt():
+            # The guest halted; a kick that came meanwhile waits for the next VM entry (taking
+            # it first would resume the guest past its HLT).
             self._entry_check = False
             self._halted(wait_for_interrupt)
+        elif self._kicked.is_set():
+            self._external_interrupt()
+        elif stop.error is None:
+            self._entry_check = False  # a slice ended (or a stop for VM entry): go round again
         else:
             self._engine_error(stop.error)
 
@@ -552,17 +568,21 @@ class Vcpu:
         return self.memory.contains(pc - 1) and self.memory.read(pc - 1, 1) == b"\xf4"
 
     def request_interrupt_check(self) -> None:
-        """Another thread raised an interrupt line: wake a halted vCPU, or get a running one out
-        of the guest so VM entry can inject (no exit is recorded: nothing the guest did)."""
+        """Another thread raised an interrupt line: wake a halted vCPU; a running one sees it at
+        its next slice boundary and VM entry injects it (no exit is recorded: nothing the guest
+        did). No uc_emu_stop from here: it is not exact (see GUEST_SLICE_INSNS)."""
         self._entry_check = True
         self.wake.set()
-        self.engine.stop()
+        if self.in_guest and threading.get_ident() == self._thread_id:
+            # Raised while this vCPU handles an exit (e.g. a device answering an ioreq): a stop
+            # from the vCPU's own thread is exact; the rest of the block runs first.
+            self.engine.stop()
 
     def _window_step(self) -> None:
         """Interrupt-window exiting: run until the guest can take an interrupt (IF=1 and past
         the STI shadow), then exit with reason 7. The first WINDOW_STEPS instructions go one at
         a time, so a short CLI section opens its window at the exact instruction; a long one
-        then runs in slices of WINDOW_SLICE_US and the window is seen at a slice boundary
+        then runs in slices of WINDOW_SLICE_INSNS and the window is seen at a slice boundary
         (interrupts are asynchronous to the guest: it cannot tell)."""
         pc = self.linear_pc()
         was_sti = self.memory.contains(pc) and self.memory.read(pc, 1) == b"\xfb"
@@ -571,7 +591,7 @@ class Vcpu:
             stop = self.engine.run(pc, count=1)
         else:
             was_sti = False
-            stop = self.engine.run(pc, timeout_us=WINDOW_SLICE_US)
+            stop = self.engine.run(pc, count=WINDOW_SLICE_INSNS)
         exc = stop.hook_exception
         if exc is not None:
             raise exc

@@ -356,3 +356,53 @@ org 0x100000
         result, records = run_guest(src, placement=placement)
         assert result.console == "k" and result.exit_status == 0
         assert records[0]["data"] == 0xFFFF_FFFF  # nothing answers there: all ones
+
+
+def test_timer_interrupts_never_run_a_guest_instruction_twice(tmp_path, run_guest):
+    # `add dword [count], 1` and `inc ecx` in lockstep while a 1 kHz timer interrupts the guest
+    # hundreds of times: if a stop ever re-ran an instruction, memory and register would differ.
+    src = asm(tmp_path, "lockstep.asm", """bits 16
+org 0x7c00
+    cli
+    xor ax, ax
+    mov ds, ax
+    mov word [8 * 4], timer
+    mov word [8 * 4 + 2], 0
+    mov al, 0x34
+    out 0x43, al
+    mov ax, 1193
+    out 0x40, al
+    mov al, ah
+    out 0x40, al
+    mov al, 0xfe
+    out 0x21, al
+    xor ecx, ecx
+    sti
+.loop:
+    add dword [count], 1
+    inc ecx
+    cmp ecx, 30000000
+    jne .loop
+    cli
+    cmp ecx, [count]
+    jne .bad
+    mov al, 'Y'
+    out 0xe9, al
+    hlt
+.bad:
+    mov al, 'N'
+    out 0xe9, al
+    hlt
+timer:
+    inc word [ticks]
+    push ax
+    mov al, 0x20
+    out 0x20, al
+    pop ax
+    iret
+count: dd 0
+ticks: dw 0
+""")
+    result, _ = run_guest(src, timeout_s=60)
+    assert result.console == "Y" and result.exit_status == 0
+    assert result.interrupts_injected >= 10
