@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     abi = sub.add_parser("abi", help="sizes and offsets of the Xen structures hvmlab shares",
                          description="Every shared structure's size and field offsets (Xen public headers).")
     abi.add_argument("--json", action="store_true", help="one JSON object")
-    # (compare, sweep and calibrate: being added)
+    _add_compare_parsers(sub)
     return parser
 
 
@@ -590,6 +590,12 @@ def _add_compare_parsers(sub: Any) -> None:
                     "as a profile for `hvmlab compare --profile FILE`.")
     calibrate.add_argument("-o", "--output", type=Path, default=Path("hvmlab-profile.toml"),
                            metavar="FILE", help="the profile to write (default ./hvmlab-profile.toml)")
+    calibrate.add_argument("--no-kvm", action="store_true",
+                           help="do not measure real KVM exits through /dev/kvm")
+    calibrate.add_argument("--exits", type=_pos_int, default=20_000, metavar="N",
+                           help="exits per measurement of the cheap events (default 20000)")
+    calibrate.add_argument("--ios", type=_pos_int, default=2_000, metavar="N",
+                           help="I/Os per measurement of device-model round trips (default 2000)")
 
 
 def _compare_failed(exc: BaseException) -> int:
@@ -626,7 +632,10 @@ def _compare(args: argparse.Namespace) -> int:
         elif args.csv:
             sys.stdout.write(cmp_mod.to_csv_text(cmp))
         else:
-            cmp_mod.render_table(cmp, Console())
+            console = Console()
+            if not console.is_terminal:  # a pipe or a file: wide enough for three paths
+                console.width = max(console.width, 110)
+            cmp_mod.render_table(cmp, console)
         if args.plot is not None:
             from .compare_plot import plot_comparison
 
@@ -662,10 +671,40 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
+    from rich.console import Console
+    from rich.table import Table
 
-    result = calibrate(args.output)
-    return result if isinstance(result, int) else 0
+    from .calibrate import calibrate
+    from .costmodel import ProfileError
+
+    err = Console(stderr=True)
+    try:
+        with err.status("calibrate") as spinner:
+            profile = calibrate(args.output, exits=args.exits, ios=args.ios, use_kvm=not args.no_kvm,
+                                progress=lambda what: spinner.update(f"measuring {what}"))
+    except OSError as exc:
+        print(f"hvmlab: error: {exc.filename or args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return status.BAD_INPUT
+    except (ProfileError, RuntimeError) as exc:
+        print(f"hvmlab: error: calibrate failed: {exc}", file=sys.stderr)
+        return status.INTERNAL
+    table = Table(title=f"profile {profile.name}: {profile.description}", title_justify="left")
+    out = Console()
+    keys = [*profile.figures, *(f"reference {k}" for k in profile.reference)]
+    table.add_column("figure", no_wrap=True, min_width=max(map(len, keys), default=6))
+    table.add_column("cycles", justify="right", no_wrap=True, min_width=9)
+    table.add_column("us", justify="right", no_wrap=True, min_width=8)
+    table.add_column("source (whole text in the file)", no_wrap=True, overflow="ellipsis",
+                     max_width=max(20, out.width - max(map(len, keys), default=6) - 32))
+    for section, figures in (("", profile.figures), ("reference ", profile.reference)):
+        for key, fig in figures.items():
+            cycles = f"{fig.cycles:,.0f}" if fig.cycles >= 10 else f"{fig.cycles:.3g}"
+            table.add_row(f"{section}{key}", cycles, f"{fig.cycles / (profile.ghz * 1000):,.3g}",
+                          ("assumed: " if fig.assumed else "") + fig.source)
+    out.print(table)
+    print(f"hvmlab: wrote {args.output} ({profile.ghz:g} GHz; {profile.ghz_source}); use it with "
+          f"`hvmlab compare WORKLOAD --profile {args.output}`", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
