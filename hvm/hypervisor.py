@@ -55,6 +55,7 @@ class Hypervisor:
         self.router = IoRouter(self.pio, memory, platform, ioreq)
         self._port_cache: dict[int, tuple[int, Device, str] | None] = {}
         self.interrupts_injected = 0
+        self._armed: int | None = None  # the deadline last given to the host timer
         self.timeout_s: float | None = None
         self.user_interrupt = threading.Event()
         self.deadline: float | None = None
@@ -140,7 +141,8 @@ class Hypervisor:
         inline exit does not pass through VM entry by itself)."""
         assert self.platform is not None
         deadline = self.next_timer_deadline_ns()
-        if vcpu.host_timer is not None:
+        if vcpu.host_timer is not None and deadline != self._armed:
+            self._armed = deadline
             vcpu.host_timer.arm(deadline)
         if deadline is not None and not vcpu.running_sliced and vcpu.in_guest:
             vcpu.engine.stop()  # from the vCPU's own thread: exact; the next run goes in slices

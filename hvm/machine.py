@@ -129,6 +129,7 @@ class HvmDomain:
         self.ioreq = IoreqClient(0, page, hv_end, clock.now_ns, options.dm_timeout_s, bufpage, buf_hv,
                                  self.server)
         self.ioreq.keep_records = options.keep_ioreqs or options.trace is not None
+        self.server.record_steps = self.ioreq.keep_records
         self.hv = Hypervisor(memory, console, hvmlab_cpu(), platform=platform, ioreq=self.ioreq, clock=clock)
         self.hv.timeout_s = options.timeout_s
         self.tracer: TraceWriter | None = None
