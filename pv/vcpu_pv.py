@@ -13,6 +13,7 @@ from hvm.engine import Engine, Reg, StopInfo
 from hvm.interrupts import EXCEPTION_NAMES
 from hvm.memory import GuestMemory, HostFrame
 from hvm.status import CRASHED, HALTED, INTERNAL, LIMIT, GuestEnded
+from hvm.vcpu import GUEST_SLICE_INSNS
 from pv.evtchn_pv import PortStatus, PvEventChannels
 from pv.guest_copy import GuestCopy
 from pv.hypercalls import SHUTDOWN_NAMES, Callbacks, Hypercalls, hypercall_name
@@ -87,6 +88,7 @@ class PvVcpu:
         self._fault: str | None = None
         self._hypercall_rip = 0  # where the hypercall being served was made (for BLOCK records)
         self._restart_at: int | None = None  # a preempted hypercall's int 0x82, to run again
+        self._upcall_in_hook = False  # enter the event callback as this hypercall returns
         # counters for the run's result
         self.hypercalls_total = 0
         self.upcalls = 0
@@ -102,10 +104,10 @@ class PvVcpu:
         return time.monotonic_ns() - self._t0
 
     def _kick(self) -> None:
+        """Get the vCPU out of the guest: it runs in exact slices (GUEST_SLICE_INSNS) and looks
+        at this flag between them. No uc_emu_stop from another thread: such a stop is not exact
+        (an instruction can run twice after it; see hvm/vcpu.py GUEST_SLICE_INSNS)."""
         self._kicked.set()
-        engine = self._engine
-        if engine is not None:
-            engine.stop()
 
     def event_arrived(self) -> None:
         """An event was queued for this domain (any thread): wake a blocked vCPU, or get a
@@ -123,9 +125,8 @@ class PvVcpu:
     def watchdog(self) -> None:
         """Called periodically by the supervisor: a stop requested just before the engine
         started running is lost by Unicorn; ask again while the request is unanswered."""
-        engine = self._engine
-        if self._kicked.is_set() and self._in_guest and engine is not None:
-            engine.stop()
+        # Nothing to re-send: a running vCPU sees the flag at its next slice boundary.
+        return
 
     def on_remap(self, pfn: int, frame: HostFrame) -> None:
         """GuestMemory.remap listener (page flips, grant mappings): change Unicorn's map on the
@@ -216,7 +217,7 @@ class PvVcpu:
             return
         self._in_guest = True
         try:
-            stop = engine.run(engine.reg(Reg.EIP))
+            stop = engine.run(engine.reg(Reg.EIP), count=GUEST_SLICE_INSNS)
         finally:
             self._in_guest = False
         if self._remaps_waiting:
@@ -310,7 +311,9 @@ class PvVcpu:
     # -- the Scheduler that sched_op calls (on this thread, gate open) -------------------------
     def check_upcall(self) -> None:
         if self.callbacks.event_address and self.shared.upcall_deliverable(0):
-            self._kick()  # from inside the hypercall hook: the guest stops right after int 0x82
+            # From inside the hypercall hook: the upcall is entered when the hypercall returns
+            # (still in the hook, where EIP is exact: see _hypercall).
+            self._upcall_in_hook = True
 
     def yield_(self) -> None:
         self.yields += 1
@@ -416,13 +419,18 @@ class PvVcpu:
             # the vCPU has stopped (events and upcalls may come first, as on Xen).
             for reg, value in zip(ARG_REGS, rest, strict=False):
                 engine.set_reg(reg, value)
-            self._restart_at = rip
-            self._kick()
+            # Back onto the int 0x82: inside the interrupt hook EIP is exact, and the CPU goes
+            # on from it, so the guest issues the continuation itself (a stop from here would
+            # not be honoured while the vCPU runs in counted slices).
+            engine.set_reg(Reg.EIP, rip)
         if self.tracer is not None:
             self.tracer.hypercall(domid=self.domid, rip=rip, number=number,
                                   name=hypercall_name(number), op=self.hc.op, args=args,
                                   result=result, t_ns=t_ns, latency_ns=self.now_ns() - t_ns,
                                   preempted=rest is not None)
+        if self._upcall_in_hook and rest is None:
+            self._upcall_in_hook = False
+            self._maybe_upcall(engine)
         if self.max_hypercalls is not None and self.hypercalls_total >= self.max_hypercalls \
                 and self._ending is None:
             self._stop_with(GuestEnded("max_hypercalls", LIMIT,
