@@ -341,20 +341,14 @@ class Engine:
     def set_msr(self, index: int, value: int) -> None:
         self.uc.msr_write(index, value)
 
-    def pc_linear(self) -> int:
-        """The linear address of the next instruction (CS base + IP in real mode)."""
-        if self.bits == 16:
-            return ((self.reg(Reg.CS) << 4) + (self.reg(Reg.EIP) & 0xFFFF)) & 0xF_FFFF
-        return self.reg(Reg.RIP) if self.bits == 64 else self.reg(Reg.EIP)
-
     # -- running ---------------------------------------------------------------------------------
-    def run(self, begin: int, count: int = 0, timeout_us: int = 0) -> StopInfo:
+    def run(self, begin: int, count: int = 0) -> StopInfo:
         """Run the guest from linear address `begin` until a hook or another thread stops it,
         HLT, an error (Unicorn returns after HLT with EIP past it), or `count` instructions."""
         self.hook_exception = None
         try:
             self.uc.emu_start(begin, 0xFFFF_FFFF_FFFF_FFFF if self.bits == 64 else 0xFFFF_FFFF,
-                              timeout=timeout_us, count=count)
+                              count=count)
             error = None
         except unicorn.UcError as exc:
             error = _error_name(exc.errno)

@@ -89,7 +89,6 @@ class Vcpu:
         self.interrupt_shadow = False          # the instruction after STI: interrupts still blocked
         self.window_budget = WINDOW_STEPS      # single steps left before slicing (see _window_step)
         self._t0 = time.monotonic_ns() if t0_ns is None else t0_ns  # virtual time 0 (the devices' clock)
-        self.pending_injection: tuple[int, int, int | None] | None = None  # (vector, type, error code)
 
         self.out_hook = self._make_out_hook()
 

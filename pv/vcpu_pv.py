@@ -87,7 +87,6 @@ class PvVcpu:
         self._end_request: GuestEnded | None = None
         self._fault: str | None = None
         self._hypercall_rip = 0  # where the hypercall being served was made (for BLOCK records)
-        self._restart_at: int | None = None  # a preempted hypercall's int 0x82, to run again
         self._upcall_in_hook = False  # enter the event callback as this hypercall returns
         # counters for the run's result
         self.hypercalls_total = 0
@@ -205,9 +204,6 @@ class PvVcpu:
 
     def _run_once(self, engine: Engine) -> None:
         self._kicked.clear()
-        if self._restart_at is not None:  # between runs: EIP can be set exactly
-            engine.set_reg(Reg.EIP, self._restart_at)
-            self._restart_at = None
         if self._end_request is not None:
             self._ending = self._end_request
             return
