@@ -60,25 +60,41 @@ class TraceWriteError(RuntimeError):
     """The trace file could not be written completely (the writer process died or hung)."""
 
 
-# Compact records for the most frequent exits: everything that is the same each time one
-# instruction exits to the same port ("a site": vcpu, reason, qualification, rip, insn,
-# handled_by, port, size, direction, string, rep, count) is sent once as a site definition
-# (SITE_TAG, site_id, *static); each exit then is (site_id, seq, t_ns, latency_ns, data).
-# The lines they format to are exactly those of the full record.
+# Compact records for the most frequent exits. What is the same each time one instruction
+# exits ("a site": vcpu, the vCPU's time origin t0_ns, reason, the qualification without the
+# port, rip, insn, size, direction, string, rep, count) is sent once as a site definition
+# (SITE_TAG, site_id, *static); each exit then is (site_id, port, handled_by, seq + 1,
+# t_exit_ns, t_entry_ns, data) with raw clock readings: the subtractions happen here, not on
+# the vCPU thread. The lines they format to are exactly those of the full record.
 SITE_TAG = "S"
-Sites = dict[int, tuple]
+Sites = dict[int, tuple[str, int, int]]  # site id -> (line template, t0_ns, qualification base)
+
+
+def site_entry(static: tuple) -> tuple[str, int, int]:
+    """A site definition's static part as the formatter keeps it: the line with the static
+    values in place and %-slots for seq, t_ns, qualification, handled_by, latency, port, data."""
+    vcpu, t0, code, qual_base, rip, insn_json, size, direction, string, rep, count = static
+    reason = NAMES.get(code) or reason_name(code)
+    fixed = [str(vcpu), reason, str(code), str(rip), insn_json, str(size), direction, _BOOL[string],
+             _BOOL[rep], str(count)]
+    vcpu_s, reason, code_s, rip_s, insn_json, size_s, direction, string_s, rep_s, count_s = (
+        part.replace("%", "%%") for part in fixed)
+    template = (f'{{"seq":%d,"t_ns":%d,"vcpu":{vcpu_s},"reason":"{reason}","reason_code":{code_s},'
+                f'"qualification":%d,"rip":{rip_s},"insn":{insn_json},"handled_by":"%s",'
+                f'"latency_ns":%d,"port":%d,"size":{size_s},"direction":"{direction}",'
+                f'"string":{string_s},"rep":{rep_s},"count":{count_s},"data":%s}}\n')
+    return template, t0, qual_base
 
 
 def format_record(r: Record | tuple, sites: Sites | None = None) -> str:
-    if len(r) == 5:  # a compact record of a site
-        site_id, seq, t_ns, latency, data = r
-        vcpu, code, qual, rip, insn_json, handled_by, port, size, direction, string, rep, count = (
-            sites[site_id])  # type: ignore[index]
-        r = (seq, t_ns, vcpu, code, qual, rip, insn_json, handled_by, latency,
-             (port, size, direction, string, rep, count, data), None)
-    elif r[0] == SITE_TAG:
+    if len(r) == 7:  # a compact record of a site
+        site_id, port, handled_by, seq1, t_exit, t_entry, data = r
+        template, t0, qual_base = sites[site_id]  # type: ignore[index]
+        return template % (seq1 - 1, t_exit - t0, qual_base | port << 16, handled_by, t_entry - t_exit,
+                           port, "null" if data is None else data)
+    if r[0] == SITE_TAG:
         if sites is not None:
-            sites[r[1]] = tuple(r[2:])
+            sites[r[1]] = site_entry(tuple(r[2:]))
         return ""
     seq, t_ns, vcpu, code, qual, rip, insn_json, handled_by, latency, io, extra = r
     reason = NAMES.get(code) or reason_name(code)
@@ -100,7 +116,7 @@ def format_record(r: Record | tuple, sites: Sites | None = None) -> str:
 
 def format_records(records: Iterable[Record | tuple], sites: Sites | None = None) -> str:
     sites = {} if sites is None else sites
-    return "".join(format_record(r, sites) for r in records)
+    return "".join([format_record(r, sites) for r in records])
 
 
 def message(kind: bytes, payload: bytes) -> bytes:
@@ -174,7 +190,7 @@ class TraceWriter:
         """Register a site (see SITE_TAG): returns its id for compact records."""
         site_id = self._next_site
         self._next_site += 1
-        self._text_sites[site_id] = static
+        self._text_sites[site_id] = site_entry(static)
         self.add((SITE_TAG, site_id, *static))  # type: ignore[arg-type]
         self.records -= 1  # a definition is not an exit
         return site_id

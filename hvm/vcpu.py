@@ -74,7 +74,7 @@ class Vcpu:
         self._observed = tracer is not None or dump_at is not None or max_exits is not None
         self._pc_reg = Reg.RIP if self.bits == 64 else Reg.EIP
         self._disasm = Disassembler(self.bits)
-        self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str, int]] = {}
+        self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str, int, int]] = {}
         self._string: tuple[int, int, list[int] | None] | None = None  # (pc, elements left, IN values)
         self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
@@ -163,7 +163,7 @@ class Vcpu:
         return self._disasm.json_text(pc, code)
 
     # -- I/O instructions ------------------------------------------------------------------------
-    def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str, int]:
+    def _io_decode(self, pc: int) -> tuple[bytes, IoInstruction, int, str, int, int]:
         code = self.memory.read(pc, min(15, self.memory.size - pc))
         try:
             io = decode_io(code, self.bits)
@@ -171,7 +171,13 @@ class Vcpu:
             io = IoInstruction(1, False, False, False, False, 1, 16, "ds", None)
         qual_base = ((io.size - 1) | (8 if io.direction_in else 0) | (16 if io.string else 0)
                      | (32 if io.rep else 0) | (64 if io.immediate else 0))
-        entry = (code[:io.length], io, qual_base, self._disasm.json_text(pc, code), io.length)
+        insn_json = self._disasm.json_text(pc, code)
+        # The trace's site for this instruction (see trace.SITE_TAG), defined before any record
+        # that uses it; -1 when nothing is traced.
+        site = -1 if self.tracer is None else self.tracer.site(
+            (self.id, self._t0, R.IO_INSTRUCTION, qual_base, pc, insn_json, io.size,
+             "in" if io.direction_in else "out", io.string, io.rep, 1))
+        entry = (code[:io.length], io, qual_base, insn_json, io.length, site)
         self._io_cache[pc] = entry
         return entry
 
@@ -193,9 +199,10 @@ class Vcpu:
         compact = tracer is not None and self.dump_at is None and self.max_exits is None
         # The writer's own list and batch size: one list append per exit (TraceWriter.add inlined).
         pending: list = tracer._pending if tracer is not None else []
+        append = pending.append
+        observed = self._observed
         batch = tracer._batch if tracer is not None else 0
         drain = tracer._drain if tracer is not None else None
-        sites: dict[int, int] = {}
         monotonic_ns = time.monotonic_ns
         t0 = self._t0
 
@@ -234,7 +241,7 @@ class Vcpu:
                 x.data = value
                 x.handled_by = "hypervisor"
                 x.extra = None
-                if not self._observed:
+                if not observed:
                     io_handler(self, x)
                     return
                 if compact:  # only tracing: a compact record of this exit's site (trace.SITE_TAG)
@@ -246,15 +253,8 @@ class Vcpu:
                         self._fill_out_exit(x, self.exits - 1, pc, qualification, hit)
                         self._finish(x, (port, size, out_tuple, False, False, 1, value), check_limit=False)
                         raise
-                    t_entry = monotonic_ns()
                     if x.extra is None:
-                        key = pc | (port << 52) | (size << 48) | (x.handled_by == "unassigned") << 47
-                        site_id = sites.get(key)
-                        if site_id is None:
-                            site_id = sites[key] = tracer.site(  # type: ignore[union-attr]
-                                (self.id, 30, qualification, pc, hit[3], x.handled_by, port, size,
-                                 out_tuple, False, False, 1))
-                        pending.append((site_id, self.exits - 1, t_exit - t0, t_entry - t_exit, value))
+                        append((hit[5], port, x.handled_by, self.exits, t_exit, monotonic_ns(), value))
                         if len(pending) >= batch:
                             drain()  # type: ignore[misc]
                         return
@@ -308,7 +308,7 @@ class Vcpu:
         hit = self._io_cache.get(pc)
         if hit is None or self._ram[pc:pc + hit[4]] != hit[0]:
             hit = self._io_decode(pc)
-        code, io, qual_base, insn_json, _length = hit
+        code, io, qual_base, insn_json, _length, _site = hit
         mask = (1 << (8 * size)) - 1
         if not self._io_exits(port, size):
             self.direct_port_accesses += 1

@@ -295,3 +295,40 @@ def test_a_run_with_many_exits_has_every_exit_in_its_trace(tmp_path: Path) -> No
     assert [r["seq"] for r in records] == list(range(result.exits_total))
     assert sum(r.get("port") == 0xE9 and r.get("direction") == "out" for r in records) == n
     assert records[-1]["reason"] == "HLT"
+
+
+def test_compact_records_give_the_lines_full_records_give(tmp_path: Path) -> None:
+    """A traced run writes compact records for plain OUT exits; --max-exits makes it write full
+    ones. Both traces must say the same of every exit (times aside), whether the hypervisor or
+    the device model served it."""
+    from hvm.console import ConsoleSink
+    from hvm.loader import load
+    from hvm.machine import RunOptions, run
+
+    guest = tmp_path / "mixed.asm"
+    guest.write_text("bits 32\norg 0x100000\n    mov ecx, 700\n"
+                     "l:  mov dx, 0xe9\n    out dx, al\n    mov dx, 0x2ff\n    out dx, ax\n"
+                     "    out 0x80, al\n    dec ecx\n    jnz l\n    cli\n    hlt\n")
+    traces = []
+    for limit in (None, 10**9):
+        path = tmp_path / f"t{limit}.jsonl"
+        run(load(str(guest)), RunOptions(trace=path, timeout_s=20, max_exits=limit), ConsoleSink())
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][1:-1]
+        for r in records:
+            assert r.pop("t_ns") >= 0 and r.pop("latency_ns") >= 0
+            assert r.get("handled_by") != "device-model" or all(t > 0 for t in r.pop("steps").values())
+        traces.append(records)
+    compact, full = traces
+    assert len(compact) == 3 * 700 + 1 and compact == full
+    assert {(r.get("port"), r["handled_by"]) for r in compact if r.get("port")} == {
+        (0xE9, "hypervisor"), (0x2FF, "device-model"), (0x80, "device-model")}
+    assert {r["qualification"] for r in compact if r.get("port") == 0x2FF} == {0x02FF0001}
+
+
+def test_a_site_template_keeps_percent_signs_literal() -> None:
+    sites: trace.Sites = {}
+    format_record((trace.SITE_TAG, 7, 0, 100, 30, 0x40, 0x1000, '"out 0x80, al ; 100%d"', 1, "out",
+                   False, False, 1), sites)
+    line = format_record((7, 0x80, "hypervisor", 5, 150, 180, 9), sites)
+    assert line == reference_format((4, 50, 0, 30, 0x00800040, 0x1000, '"out 0x80, al ; 100%d"',
+                                     "hypervisor", 30, (0x80, 1, "out", False, False, 1, 9), None))
