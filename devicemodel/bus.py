@@ -122,23 +122,27 @@ class Bus:
         if addr < 0 or addr >= self.limit:
             raise BusError(f"{self.name}: address {addr:#x} outside the address space")
 
-    def read(self, addr: int, size: int) -> int:
+    def access(self, addr: int, size: int, is_read: bool, value: int = 0) -> tuple[int, str]:
+        """One read or write with a single lookup: (the value read, or 0 for a write; the
+        device's name, or "unassigned" when nothing is mapped there)."""
         self._check(addr, size)
         hit = self.find(addr)
         mask = size_mask(size)
         if hit is None:
-            self.unassigned_reads += 1
-            return mask
+            if is_read:
+                self.unassigned_reads += 1
+                return mask, "unassigned"
+            self.unassigned_writes += 1
+            return 0, "unassigned"
         base, device, name = hit
         self.accesses[name] += 1
-        return device.read(addr - base, size) & mask
+        if is_read:
+            return device.read(addr - base, size) & mask, name
+        device.write(addr - base, size, value & mask)
+        return 0, name
+
+    def read(self, addr: int, size: int) -> int:
+        return self.access(addr, size, True)[0]
 
     def write(self, addr: int, size: int, value: int) -> None:
-        self._check(addr, size)
-        hit = self.find(addr)
-        if hit is None:
-            self.unassigned_writes += 1
-            return
-        base, device, name = hit
-        self.accesses[name] += 1
-        device.write(addr - base, size, value & size_mask(size))
+        self.access(addr, size, False, value)

@@ -47,38 +47,48 @@ class DeviceModel:
     def map_block_port(self, port: int, block: BlockPort) -> None:
         self._blocks[port] = block
 
-    # -- the IoreqHandler protocol ----------------------------------------------------------------
+    # -- the DirectIoreqHandler protocol ----------------------------------------------------------
     def handle(self, req: IoReq, mem: GuestMemoryView) -> int:
-        if req.type == IOREQ_TYPE_PCI_CONFIG:
-            self.ioreqs["pci_config"] += 1
-            return self._pci_config(req)
-        if req.type == IOREQ_TYPE_PIO:
-            self.ioreqs["pio"] += 1
-            bus = self.pio
-        elif req.type == IOREQ_TYPE_COPY:
-            self.ioreqs["copy"] += 1
-            bus = self.mmio
-        else:
-            self.ioreqs["other"] += 1
+        if not req.data_is_ptr:
+            return self.access(req.type, req.addr, req.size, req.dir, req.data)
+        bus = self._bus_for(req.type)
+        if bus is None:
             return 0
         hit = bus.find(req.addr)
         self.last_target = hit[2] if hit is not None else "unassigned"
-        if req.data_is_ptr:
-            self._string(bus, req, mem)
-            return 0
-        if req.dir == IOREQ_READ:
-            return bus.read(req.addr, req.size)
-        bus.write(req.addr, req.size, req.data)
+        self._string(bus, req, mem)
         return 0
 
-    def _pci_config(self, req: IoReq) -> int:
+    def access(self, type_: int, addr: int, size: int, dir_: int, data: int) -> int:
+        """An ioreq with one value (data_is_ptr = 0), as its fields."""
+        if type_ == IOREQ_TYPE_PCI_CONFIG:
+            self.ioreqs["pci_config"] += 1
+            return self._pci_config(addr, size, dir_, data)
+        bus = self._bus_for(type_)
+        if bus is None:
+            return 0
+        value, self.last_target = bus.access(addr, size, dir_ == IOREQ_READ, data)
+        return value
+
+    def _bus_for(self, type_: int) -> Bus | None:
+        """The bus an ioreq type addresses, counting it (PCI_CONFIG is not on a bus)."""
+        if type_ == IOREQ_TYPE_PIO:
+            self.ioreqs["pio"] += 1
+            return self.pio
+        if type_ == IOREQ_TYPE_COPY:
+            self.ioreqs["copy"] += 1
+            return self.mmio
+        self.ioreqs["pci_config" if type_ == IOREQ_TYPE_PCI_CONFIG else "other"] += 1
+        return None
+
+    def _pci_config(self, addr: int, size: int, dir_: int, data: int) -> int:
         self.last_target = "pci-config-space"
         if self.pci is None:
-            return (1 << (8 * req.size)) - 1 if req.dir == IOREQ_READ else 0
-        sbdf, reg = req.addr >> 32, req.addr & 0xFFFF_FFFF
-        if req.dir == IOREQ_READ:
-            return self.pci.config_read(sbdf, reg, req.size)
-        self.pci.config_write(sbdf, reg, req.size, req.data)
+            return (1 << (8 * size)) - 1 if dir_ == IOREQ_READ else 0
+        sbdf, reg = addr >> 32, addr & 0xFFFF_FFFF
+        if dir_ == IOREQ_READ:
+            return self.pci.config_read(sbdf, reg, size)
+        self.pci.config_write(sbdf, reg, size, data)
         return 0
 
     def _string(self, bus: Bus, req: IoReq, mem: GuestMemoryView) -> None:

@@ -13,6 +13,7 @@ from devicemodel.clock import Clock, MonotonicClock
 from hvm.bufioreq import BufferedIoPage
 from hvm.evtchn import EventChannel, WaitSet
 from hvm.ioreq import (
+    IOREQ_FLAG_BITS,
     IOREQ_READ,
     IOREQ_WRITE,
     STATE_IOREQ_INPROCESS,
@@ -23,6 +24,10 @@ from hvm.ioreq import (
     SharedIoPage,
     state_name,
 )
+
+_DATA_IS_PTR = 1 << IOREQ_FLAG_BITS["data_is_ptr"][0]  # in the flags byte (30) of ioreq_t
+_DF = 1 << IOREQ_FLAG_BITS["df"][0]
+_DIR_SHIFT = IOREQ_FLAG_BITS["dir"][0]
 
 # The server re-checks its stop flag at least this often even if no port is ever notified:
 # its waits are bounded too, and a wait of this length costs nothing (it is a poll(2) sleep).
@@ -45,6 +50,13 @@ class IoreqHandler(Protocol):
     """
 
     def handle(self, req: IoReq, mem: GuestMemoryView) -> int: ...
+
+
+class DirectIoreqHandler(IoreqHandler, Protocol):
+    """A handler that can also take an ioreq with one value (data_is_ptr = 0) as plain fields,
+    so the device-model thread builds no IoReq for it: access(type, addr, size, dir, data)."""
+
+    def access(self, type_: int, addr: int, size: int, dir_: int, data: int) -> int: ...
 
 
 class IoreqTimeout(RuntimeError):
@@ -119,6 +131,7 @@ class IoreqServer:
         self.error: BaseException | None = None
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._vcpu_of = {ch: vcpu for vcpu, ch in enumerate(self.ports)}
+        self._access = getattr(handler, "access", None)  # a DirectIoreqHandler's direct path
         self._times: collections.deque[IoreqStepTimes] = collections.deque(maxlen=history)
         self._times_lock = threading.Lock()
         # A private wake object, not a guest-visible port: stop() pokes it.
@@ -188,25 +201,29 @@ class IoreqServer:
                 ch.close()
 
     def _serve(self, vcpu: int, t_wake: int) -> None:
-        if self.page.state(vcpu) != STATE_IOREQ_READY:
+        # One copy: every decision below is taken from these values, never from the page again.
+        taken = self.page.take_request(vcpu)  # READY -> INPROCESS
+        if taken is None:
             self.spurious += 1
             return
-        # One copy: every decision below is taken from `req`, never from the page again.
-        req = self.page.fetch(vcpu)
-        self.page.set_state(vcpu, STATE_IOREQ_INPROCESS)
+        addr, data, count, size, vp_eport, flags, type_ = taken
         record = self.record_steps
         t_fetched = self._clock.now_ns() if record else 0
-        result = self.handler.handle(req, self.mem)
-        if req.dir == IOREQ_READ and not req.data_is_ptr:
-            self.page.write_data(vcpu, _mask_to_size(result or 0, req.size))
+        dir_ = (flags >> _DIR_SHIFT) & 1
+        if flags & _DATA_IS_PTR or self._access is None:
+            req = IoReq(addr, data, count, size, vp_eport, STATE_IOREQ_READY, bool(flags & _DATA_IS_PTR),
+                        dir_, bool(flags & _DF), type_)
+            result = self.handler.handle(req, self.mem)
+        else:  # one value, no guest buffer: the handler's direct path, no IoReq built
+            result = self._access(type_, addr, size, dir_, data)
         # The answer is in the page before the state says it is there.
-        self.page.set_state(vcpu, STATE_IORESP_READY)
+        self.page.answer(vcpu, flags, _mask_to_size(result or 0, size)
+                         if dir_ == IOREQ_READ and not flags & _DATA_IS_PTR else None)
         self.served += 1
         if record:
             t_done = self._clock.now_ns()
             with self._times_lock:
-                self._times.append(IoreqStepTimes(vcpu, req.type, req.addr, req.dir,
-                                                  t_wake, t_fetched, t_done))
+                self._times.append(IoreqStepTimes(vcpu, type_, addr, dir_, t_wake, t_fetched, t_done))
         self.ports[vcpu].notify()
 
     def drain_buffered(self) -> None:
@@ -216,7 +233,7 @@ class IoreqServer:
         self._drain_buffered()
 
     def _drain_buffered(self) -> None:
-        if self.bufpage is None:
+        if self.bufpage is None or not self.bufpage.has_entries():
             return
         eport = self.buf_port.port if self.buf_port is not None else 0
         for type_, addr, size, data in self.bufpage.take():

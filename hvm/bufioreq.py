@@ -107,6 +107,14 @@ class BufferedIoPage:
         off = BUFFERED_IOPAGE_OFFSETS[member]
         self._mem[off:off + 4] = struct.pack("<I", value & U32_MASK)
 
+    def has_entries(self) -> bool:
+        """Is anything posted? (Consumer side, without the lock: the producer moves only
+        write_pointer forward, so a stale answer is at worst a miss that the next
+        notification of the buffered port catches.)"""
+        off = BUFIOREQ_POINTERS_OFFSET
+        mem = self._mem
+        return mem[off:off + 4] != mem[off + 4:off + 8]
+
     @property
     def read_pointer(self) -> int:
         with self._lock:

@@ -54,6 +54,8 @@ class Hypervisor:
             self.pio.map(DEBUG_EXIT_PORT, 1, DebugExit(debug_exit), "debug-exit")
         self.router = IoRouter(self.pio, memory, platform, ioreq)
         self._port_cache: dict[int, tuple[int, Device, str] | None] = {}
+        # --placement all-dm: the device model has the timers and the PIC (see pc.build)
+        self._dm_has_platform_devices = platform is not None and platform.placement != "xen"
         self.interrupts_injected = 0
         self._armed: int | None = None  # the deadline last given to the host timer
         self.timeout_s: float | None = None
@@ -131,6 +133,12 @@ class Hypervisor:
             if vcpu.tracer is not None:
                 x.extra = self._ioreq_extra()
             self.router.check_shutdown()
+            if not self._dm_has_platform_devices:
+                # Its devices cannot touch a timer or the PIC's registers: only a line it
+                # raised can matter, and that already asked for an interrupt check.
+                if vcpu.interrupt_check_requested:
+                    vcpu.request_interrupt_check()  # from this thread: leave the guest now
+                return value
         if x.handled_by != "unassigned" and self.platform is not None:
             self._after_platform_access(vcpu)
         return value

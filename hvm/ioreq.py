@@ -167,6 +167,7 @@ class IoreqStateError(RuntimeError):
 
 _STATE_MASK = ((1 << IOREQ_FLAG_BITS["state"][1]) - 1) << IOREQ_FLAG_BITS["state"][0]
 _IOREQ_STRUCT = struct.Struct(IOREQ_FORMAT)
+_DATA_STRUCT = struct.Struct(IOREQ_DATA_FORMAT)
 
 
 class SharedIoPage:
@@ -230,6 +231,40 @@ class SharedIoPage:
         flags = (int(data_is_ptr) << 4) | (dir << 5) | (int(df) << 6)
         mem[off:off + IOREQ_SIZE] = _IOREQ_STRUCT.pack(addr, data, count, size, vp_eport, 0, flags, type)
         mem[off + IOREQ_FLAGS_OFFSET] = flags | STATE_IOREQ_READY
+
+    # -- the hot path: one call per side and step, each one copy of the bytes it needs ---------
+    def take_request(self, vcpu: int) -> tuple[int, int, int, int, int, int, int] | None:
+        """Device-model side: if the slot is READY, copy it out once and mark it INPROCESS.
+        Returns (addr, data, count, size, vp_eport, flags byte, type), or None if not READY."""
+        off = self._slot(vcpu)
+        mem = self._mem
+        flags = mem[off + IOREQ_FLAGS_OFFSET]
+        if flags & _STATE_MASK != STATE_IOREQ_READY:
+            return None
+        addr, data, count, size, vp_eport, _pad, flags, type_ = _IOREQ_STRUCT.unpack(mem[off:off + IOREQ_SIZE])
+        mem[off + IOREQ_FLAGS_OFFSET] = (flags & ~_STATE_MASK & 0xFF) | STATE_IOREQ_INPROCESS
+        return addr, data, count, size, vp_eport, flags, type_
+
+    def answer(self, vcpu: int, flags: int, data: int | None) -> None:
+        """Device-model side: write `data` back (None: leave it, as for writes and string I/O),
+        then, last, state IORESP_READY. `flags` is the byte take_request() returned."""
+        off = self._slot(vcpu)
+        mem = self._mem
+        if data is not None:
+            mem[off + IOREQ_DATA_OFFSET:off + IOREQ_DATA_OFFSET + 8] = _DATA_STRUCT.pack(data & U64_MASK)
+        mem[off + IOREQ_FLAGS_OFFSET] = (flags & ~_STATE_MASK & 0xFF) | STATE_IORESP_READY
+
+    def take_response(self, vcpu: int) -> int | None:
+        """Hypervisor side: if the device model has answered, read `data` and set the slot back
+        to NONE; None while it has not."""
+        off = SHARED_IOPAGE_VCPU_IOREQ_OFFSET + vcpu * IOREQ_SIZE
+        mem = self._mem
+        flags = mem[off + IOREQ_FLAGS_OFFSET]
+        if flags & _STATE_MASK != STATE_IORESP_READY:
+            return None
+        data: int = _DATA_STRUCT.unpack(mem[off + IOREQ_DATA_OFFSET:off + IOREQ_DATA_OFFSET + 8])[0]
+        mem[off + IOREQ_FLAGS_OFFSET] = flags & ~_STATE_MASK & 0xFF
+        return data
 
     def state(self, vcpu: int) -> int:
         return _bits(self._mem[self._slot(vcpu) + IOREQ_FLAGS_OFFSET], "state")

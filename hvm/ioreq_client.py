@@ -17,7 +17,6 @@ from .ioreq import (
     IOREQ_TYPE_PIO,
     IOREQ_WRITE,
     STATE_IOREQ_READY,
-    STATE_IORESP_READY,
     IoReq,
     SharedIoPage,
 )
@@ -109,9 +108,8 @@ class IoreqClient:
             port.notify()
             deadline = 0.0
             while True:
-                if page.state(vcpu) == STATE_IORESP_READY:
-                    value = page.read_data(vcpu)
-                    page.set_state(vcpu, 0)
+                value = page.take_response(vcpu)  # IORESP_READY -> NONE, or None
+                if value is not None:
                     break
                 if port.peer_closed or (deadline and time.monotonic() >= deadline):
                     raise self._failure(addr, size, direction_in, type_)

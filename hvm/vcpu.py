@@ -566,6 +566,11 @@ class Vcpu:
         pc = self.linear_pc()
         return self.memory.contains(pc - 1) and self.memory.read(pc - 1, 1) == b"\xf4"
 
+    @property
+    def interrupt_check_requested(self) -> bool:
+        """Has something asked for VM entry's interrupt check that has not run yet?"""
+        return self._entry_check
+
     def request_interrupt_check(self) -> None:
         """Another thread raised an interrupt line: wake a halted vCPU; a running one sees it at
         its next slice boundary and VM entry injects it (no exit is recorded: nothing the guest

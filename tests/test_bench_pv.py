@@ -22,13 +22,15 @@ def test_bench_pv_json_with_tiny_counts(capsys):
         assert fig["unit"] == "us"
     for key in FIGURES[1:]:
         assert result["ratios"][f"{key}_vs_floor"] > 0
-    # at most one notification each way per lone request, and per batch of 32 (None: the
-    # other side found every batch without one, which is more than 32 per notification)
+    # at most one notification each way per lone request; one push per batch of 32 requests
+    # (None: the backend found every batch without one, more than 32 per notification). How
+    # many responses share a notification depends on when the frontend wakes (it re-arms
+    # rsp_event with the final check), but never more than one per response.
     single = figures["blk_single"]
     assert single["notifications_to_backend_per_item"] <= 1
     assert single["notifications_to_frontend_per_item"] <= 1
-    for key in ("blk_batch_requests_per_notification_to_backend",
-                "blk_batch_responses_per_notification_to_frontend"):
-        value = result["batching"][key]
-        assert value is None or value >= BATCH, key
+    requests = result["batching"]["blk_batch_requests_per_notification_to_backend"]
+    assert requests is None or requests >= BATCH
+    responses = result["batching"]["blk_batch_responses_per_notification_to_frontend"]
+    assert responses is None or responses >= 1
     assert "Python frontends" in result["driven_by"]
