@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 from devicemodel.clock import Clock, MonotonicClock
+from hvm.affinity import pin_current_thread
 from hvm.bufioreq import BufferedIoPage
 from hvm.evtchn import EventChannel, WaitSet
 from hvm.ioreq import (
@@ -112,6 +113,7 @@ class IoreqServer:
         *,
         clock: Clock | None = None,
         history: int = 64,
+        cpu: int | None = None,
     ) -> None:
         if buf_port is not None and bufpage is None:
             raise ValueError("a buffered-ioreq port needs a buffered page to drain")
@@ -132,6 +134,7 @@ class IoreqServer:
         self._clock: Clock = clock if clock is not None else MonotonicClock()
         self._vcpu_of = {ch: vcpu for vcpu, ch in enumerate(self.ports)}
         self._access = getattr(handler, "access", None)  # a DirectIoreqHandler's direct path
+        self.cpu = cpu  # the host CPU the thread runs on (hvm.affinity); None: anywhere
         self._times: collections.deque[IoreqStepTimes] = collections.deque(maxlen=history)
         self._times_lock = threading.Lock()
         # A private wake object, not a guest-visible port: stop() pokes it.
@@ -178,6 +181,7 @@ class IoreqServer:
     # -- the thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        pin_current_thread(self.cpu)
         watch = [self._stop_ch, *self.ports]
         if self.buf_port is not None:
             watch.append(self.buf_port)
@@ -233,15 +237,25 @@ class IoreqServer:
         self._drain_buffered()
 
     def _drain_buffered(self) -> None:
-        if self.bufpage is None or not self.bufpage.has_entries():
+        """Apply the buffered writes until the page is empty. The hypervisor notifies only the
+        write that finds the page empty, so a write posted while these were taken is seen by
+        the check that ends the loop (the read pointer has moved by then)."""
+        bufpage = self.bufpage
+        if bufpage is None:
             return
         eport = self.buf_port.port if self.buf_port is not None else 0
-        for type_, addr, size, data in self.bufpage.take():
-            req = IoReq(addr=addr, data=data, count=1, size=size, vp_eport=eport,
-                        state=STATE_IOREQ_INPROCESS, data_is_ptr=False, dir=IOREQ_WRITE,
-                        df=False, type=type_)
-            self.handler.handle(req, self.mem)
-            self.buffered_served += 1
+        access = self._access
+        while bufpage.has_entries():
+            writes = bufpage.take()
+            if not writes:
+                return  # only half of an 8-byte write: its other half comes with a notification
+            for type_, addr, size, data in writes:
+                if access is not None:
+                    access(type_, addr, size, IOREQ_WRITE, data)
+                else:
+                    self.handler.handle(IoReq(addr, data, 1, size, eport, STATE_IOREQ_INPROCESS, False,
+                                              IOREQ_WRITE, False, type_), self.mem)
+                self.buffered_served += 1
 
 
 def send_ioreq(page: SharedIoPage, vcpu: int, req: IoReq, port: EventChannel,

@@ -46,20 +46,30 @@ _CODE_SIZE = {code: size for size, code in _SIZE_CODE.items()}
 U32_MASK = 0xFFFFFFFF
 
 
-def _field(word: int, name: str) -> int:
-    shift, width = BUF_IOREQ_BITS[name]
-    return (word >> shift) & ((1 << width) - 1)
-
-
-def pack_buf_ioreq(type: int, addr: int, size_code: int, data32: int, dir: int) -> bytes:
-    """One 8-byte buf_ioreq slot."""
+def buf_ioreq_word(type: int, addr: int, size_code: int, dir: int) -> int:
+    """Word 0 of a buf_ioreq slot: the bitfields."""
     word = 0
     for name, value in (("type", type), ("dir", dir), ("size", size_code), ("addr", addr)):
         shift, width = BUF_IOREQ_BITS[name]
         if not 0 <= value < (1 << width):
             raise ValueError(f"buf_ioreq {name}={value:#x} does not fit in {width} bits")
         word |= value << shift
-    return struct.pack(BUF_IOREQ_FORMAT, word, data32 & U32_MASK)
+    return word
+
+
+def pack_buf_ioreq(type: int, addr: int, size_code: int, data32: int, dir: int) -> bytes:
+    """One 8-byte buf_ioreq slot."""
+    return _SLOT.pack(buf_ioreq_word(type, addr, size_code, dir), data32 & U32_MASK)
+
+
+_SLOT = struct.Struct(BUF_IOREQ_FORMAT)
+_POINTERS = struct.Struct(BUFFERED_IOPAGE_FORMAT)
+_U32 = struct.Struct("<I")
+_SLOTS_AT = BUFFERED_IOPAGE_OFFSETS["buf_ioreq"]
+_WRITE_POINTER_AT = BUFFERED_IOPAGE_OFFSETS["write_pointer"]
+_TYPE_SHIFT, _TYPE_WIDTH = BUF_IOREQ_BITS["type"]
+_SIZE_SHIFT, _SIZE_WIDTH = BUF_IOREQ_BITS["size"]
+_ADDR_SHIFT, _ADDR_WIDTH = BUF_IOREQ_BITS["addr"]
 
 
 class BufferedIoPage:
@@ -103,10 +113,6 @@ class BufferedIoPage:
         rp, wp = struct.unpack(BUFFERED_IOPAGE_FORMAT, bytes(self._mem[off:off + 8]))
         return rp, wp
 
-    def _store_u32(self, member: str, value: int) -> None:
-        off = BUFFERED_IOPAGE_OFFSETS[member]
-        self._mem[off:off + 4] = struct.pack("<I", value & U32_MASK)
-
     def has_entries(self) -> bool:
         """Is anything posted? (Consumer side, without the lock: the producer moves only
         write_pointer forward, so a stale answer is at worst a miss that the next
@@ -133,67 +139,73 @@ class BufferedIoPage:
         with self._lock:
             return IOREQ_BUFFER_SLOT_NUM - self._used()
 
-    def _slot_offset(self, pointer: int) -> int:
-        index = pointer % IOREQ_BUFFER_SLOT_NUM
-        return BUFFERED_IOPAGE_OFFSETS["buf_ioreq"] + index * BUF_IOREQ_SIZE
-
     # -- producer (hypervisor, vCPU thread) -------------------------------------------------
 
     def try_put(self, type: int, addr: int, size: int, data: int, dir: int = IOREQ_WRITE) -> bool:
         """Append one posted write; False if the page has no room (the caller then sends a
         synchronous ioreq instead). An 8-byte write takes two slots: low half, then high half."""
-        if size not in _SIZE_CODE:
+        return self.put(type, addr, size, data, dir) is not None
+
+    def put(self, type: int, addr: int, size: int, data: int, dir: int = IOREQ_WRITE) -> int | None:
+        """try_put() that says how many slots were in use before this write (None: no room).
+        0 means the page was empty: the consumer may be asleep and must be notified; otherwise a
+        notification is already on its way (see IoreqServer._drain_buffered)."""
+        code = _SIZE_CODE.get(size)
+        if code is None:
             raise ValueError(f"buffered ioreq size must be 1, 2, 4 or 8 bytes, not {size}")
-        qw = 1 if size == 8 else 0
-        first = pack_buf_ioreq(type, addr, _SIZE_CODE[size], data & U32_MASK, dir)
-        second = pack_buf_ioreq(type, addr, _SIZE_CODE[size], (data >> 32) & U32_MASK, dir)
+        qw = 1 if code == 3 else 0
+        word = buf_ioreq_word(type, addr, code, dir)
+        mem = self._mem
+        p = BUFIOREQ_POINTERS_OFFSET
         with self._lock:
-            rp, wp = self._pointers()
-            if (wp - rp) & U32_MASK >= IOREQ_BUFFER_SLOT_NUM - qw:
-                return False
-            off = self._slot_offset(wp)
-            self._mem[off:off + BUF_IOREQ_SIZE] = first
+            rp, wp = _POINTERS.unpack(mem[p:p + 8])
+            used = (wp - rp) & U32_MASK
+            if used >= IOREQ_BUFFER_SLOT_NUM - qw:
+                return None
+            off = _SLOTS_AT + (wp % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+            mem[off:off + BUF_IOREQ_SIZE] = _SLOT.pack(word, data & U32_MASK)
             if qw:
-                off = self._slot_offset(wp + 1)
-                self._mem[off:off + BUF_IOREQ_SIZE] = second
+                off = _SLOTS_AT + ((wp + 1) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+                mem[off:off + BUF_IOREQ_SIZE] = _SLOT.pack(word, (data >> 32) & U32_MASK)
             # The slots are filled before write_pointer moves: the reader never sees a
             # pointer past data that is not there yet.
-            self._store_u32("write_pointer", wp + 1 + qw)
-            rp, wp = self._pointers()
-            if rp >= IOREQ_BUFFER_SLOT_NUM:
+            wp = (wp + 1 + qw) & U32_MASK
+            if rp >= IOREQ_BUFFER_SLOT_NUM:  # pull both back by 511s, in one store
                 back = (rp // IOREQ_BUFFER_SLOT_NUM) * IOREQ_BUFFER_SLOT_NUM
-                off = BUFIOREQ_POINTERS_OFFSET
-                self._mem[off:off + 8] = struct.pack(
-                    BUFFERED_IOPAGE_FORMAT, rp - back, (wp - back) & U32_MASK)
-        return True
+                mem[p:p + 8] = _POINTERS.pack(rp - back, (wp - back) & U32_MASK)
+            else:
+                mem[_WRITE_POINTER_AT:_WRITE_POINTER_AT + 4] = _U32.pack(wp)
+        return used
 
     # -- consumer (device model thread) -----------------------------------------------------
 
     def take(self) -> list[tuple[int, int, int, int]]:
         """Drain every complete entry, oldest first, as (type, addr, size, data)."""
         out: list[tuple[int, int, int, int]] = []
+        mem = self._mem
+        p = BUFIOREQ_POINTERS_OFFSET
         with self._lock:
-            rp, wp = self._pointers()
+            rp, wp = _POINTERS.unpack(mem[p:p + 8])
         used = (wp - rp) & U32_MASK
+        type_mask, size_mask, addr_mask = (1 << _TYPE_WIDTH) - 1, (1 << _SIZE_WIDTH) - 1, (1 << _ADDR_WIDTH) - 1
         i = 0
         while i < used:
-            off = self._slot_offset(rp + i)
-            word, lo = struct.unpack(BUF_IOREQ_FORMAT, bytes(self._mem[off:off + BUF_IOREQ_SIZE]))
-            size = _CODE_SIZE[_field(word, "size")]
-            step = 1
-            data = lo
+            off = _SLOTS_AT + ((rp + i) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+            word, data = _SLOT.unpack(mem[off:off + BUF_IOREQ_SIZE])
+            size = _CODE_SIZE[(word >> _SIZE_SHIFT) & size_mask]
             if size == 8:
                 if i + 1 >= used:  # cannot happen with a well-behaved producer: both halves
                     break  # are published by one write_pointer store
-                off = self._slot_offset(rp + i + 1)
-                _, hi = struct.unpack(BUF_IOREQ_FORMAT, bytes(self._mem[off:off + BUF_IOREQ_SIZE]))
-                data = hi << 32 | lo
-                step = 2
-            out.append((_field(word, "type"), _field(word, "addr"), size, data))
-            i += step
-            # Hand the slots back now (an add, never a store of a stale value: the producer
-            # may have pulled both pointers back by 511s in between).
+                off = _SLOTS_AT + ((rp + i + 1) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+                data |= _SLOT.unpack(mem[off:off + BUF_IOREQ_SIZE])[1] << 32
+                i += 2
+            else:
+                i += 1
+            out.append(((word >> _TYPE_SHIFT) & type_mask, (word >> _ADDR_SHIFT) & addr_mask, size, data))
+        if i:
+            # Hand the slots back with an add, never a store of a stale value: the producer may
+            # have pulled both pointers back by 511s in between.
             with self._lock:
-                cur_rp, _ = self._pointers()
-                self._store_u32("read_pointer", cur_rp + step)
+                cur_rp = _POINTERS.unpack(mem[p:p + 8])[0]
+                mem[p:p + 4] = _U32.pack((cur_rp + i) & U32_MASK)
         return out

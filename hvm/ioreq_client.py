@@ -145,12 +145,16 @@ class IoreqClient:
                                type=IOREQ_TYPE_PIO))
 
     def mmio(self, gpa: int, size: int, direction_in: bool, data: int) -> int:
+        if not self.keep_records:
+            return self._send_fast(gpa, data, size, direction_in, IOREQ_TYPE_COPY)
         return self.send(IoReq(addr=gpa, data=0 if direction_in else data, count=1, size=size,
                                vp_eport=0, state=0, data_is_ptr=False,
                                dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
                                type=IOREQ_TYPE_COPY))
 
     def pci_config(self, sbdf: int, reg: int, size: int, direction_in: bool, data: int) -> int:
+        if not self.keep_records:
+            return self._send_fast((sbdf << 32) | reg, data, size, direction_in, IOREQ_TYPE_PCI_CONFIG)
         return self.send(IoReq(addr=(sbdf << 32) | reg, data=0 if direction_in else data, count=1,
                                size=size, vp_eport=0, state=0, data_is_ptr=False,
                                dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
@@ -179,10 +183,12 @@ class IoreqClient:
         """A write that needs no answer: into the buffered page and on, without blocking. When
         the page is full it goes as a synchronous ioreq instead (the device model drains the
         buffered page first), so nothing is lost and order is kept."""
-        if self.bufpage is not None and self.bufpage.try_put(type_, addr, size, data):
+        queued = self.bufpage.put(type_, addr, size, data) if self.bufpage is not None else None
+        if queued is not None:
             self.buffered += 1
-            assert self.buf_port is not None
-            self.buf_port.notify()
+            if not queued:  # the page was empty: the device model may be asleep. Otherwise it has
+                assert self.buf_port is not None  # been notified and drains until it is empty,
+                self.buf_port.notify()  # as a Xen event already pending is not raised again
             return
         self.buffered_full += 1
         req = IoReq(addr=addr, data=data, count=1, size=size, vp_eport=0, state=0, data_is_ptr=False,

@@ -13,6 +13,7 @@ from devicemodel.clock import MonotonicClock
 from devicemodel.server import IoreqServer
 
 from . import exit_reasons as R
+from .affinity import pair_cpu, pin_current_thread
 from .boot import boot
 from .bufioreq import BufferedIoPage
 from .console import ConsoleSink
@@ -53,6 +54,8 @@ class RunOptions:
     buffered_ports: list[int] = field(default_factory=list)
     dm_timeout_s: float = 5.0
     keep_ioreqs: bool = False
+    dm_affinity: str = "vcpu"  # see hvm.affinity.DM_AFFINITIES
+    pair_index: int = 0  # which vCPU/device-model pair of this process (picks the host CPU)
 
 
 @dataclass
@@ -125,7 +128,10 @@ class HvmDomain:
         page, bufpage = SharedIoPage(), BufferedIoPage()
         hv_end, dm_end = make_interdomain_pair(name="ioreq-vcpu0")
         buf_hv, buf_dm = make_interdomain_pair(name="bufioreq")
-        self.server = IoreqServer(page, [dm_end], platform.dm, memory, bufpage, buf_dm, clock=clock)
+        # One host CPU for this vCPU and its device model (hvm.affinity), unless told otherwise.
+        self.cpu = pair_cpu(options.pair_index) if options.dm_affinity == "vcpu" else None
+        self.server = IoreqServer(page, [dm_end], platform.dm, memory, bufpage, buf_dm, clock=clock,
+                                  cpu=self.cpu)
         self.ioreq = IoreqClient(0, page, hv_end, clock.now_ns, options.dm_timeout_s, bufpage, buf_hv,
                                  self.server)
         self.ioreq.keep_records = options.keep_ioreqs or options.trace is not None
@@ -143,6 +149,7 @@ class HvmDomain:
 
     def _vcpu_thread(self) -> None:
         holder, options, memory, platform = self.holder, self.options, self.memory, self.platform
+        pin_current_thread(self.cpu)
         try:
             engine = Engine(self.image.bits, memory, holes=(VGA_HOLE,))
             vcpu = Vcpu(0, engine, memory, self.controls, self.hv, self.tracer, options.max_exits,

@@ -14,6 +14,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import IO, Any
 
+from .affinity import release_process
 from .exit_reasons import NAMES
 from .exit_reasons import name as reason_name
 
@@ -295,6 +296,7 @@ class TraceWriter:
             fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except (ImportError, AttributeError, OSError):
             pass  # a smaller pipe only means more of the backlog waits here
+        release_process(self._sink.pid)  # it formats beside the vCPU, not on its CPU
         os.set_blocking(write_end, False)
         assert self._sink.stdout is not None
         os.set_blocking(self._sink.stdout.fileno(), False)

@@ -1,0 +1,53 @@
+"""Host CPU placement: a vCPU thread and its device-model thread share one host CPU, as they take turns on every synchronous ioreq (Linux sched_setaffinity(2))."""
+
+from __future__ import annotations
+
+import os
+
+# Where a domain's vCPU and device-model threads run (RunOptions.dm_affinity, --dm-affinity):
+# "vcpu": both on one host CPU. Each ioreq hands the CPU from one to the other and back; on
+# one CPU that is a switch between two threads, on two it is a cross-CPU wake-up each way
+# (an IPI, and in a VM an idle virtual CPU to wake), measured at 2-3x the cost here (`hvmlab
+# bench ioreq`). Python's GIL lets only one of them run Python at a time anyway.
+# "any": the host scheduler places them.
+DM_AFFINITIES = ("vcpu", "any")
+
+
+def can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
+
+
+def process_cpus() -> list[int]:
+    """The host CPUs this process may use (the main thread's set: it is never pinned)."""
+    if not can_pin():
+        return []
+    return sorted(os.sched_getaffinity(os.getpid()))
+
+
+def pair_cpu(index: int) -> int | None:
+    """The host CPU for the index-th vCPU/device-model pair of this process (round robin over
+    the CPUs it may use); None where threads cannot be pinned."""
+    cpus = process_cpus()
+    return cpus[index % len(cpus)] if cpus else None
+
+
+def pin_current_thread(cpu: int | None) -> bool:
+    """Run the calling thread on `cpu` only (None: leave it). False if the host refused."""
+    if cpu is None or not can_pin():
+        return False
+    try:
+        os.sched_setaffinity(0, {cpu})  # pid 0: the calling thread
+    except OSError:
+        return False
+    return True
+
+
+def release_process(pid: int) -> None:
+    """Give a child process every CPU this process may use: a child inherits the affinity of
+    the thread that started it, and a pinned vCPU thread starts the trace writer."""
+    cpus = process_cpus()
+    if cpus:
+        try:
+            os.sched_setaffinity(pid, cpus)
+        except OSError:
+            pass  # it has gone already, or the host refuses: it only runs slower
