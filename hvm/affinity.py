@@ -43,11 +43,16 @@ def pin_current_thread(cpu: int | None) -> bool:
 
 
 def release_process(pid: int) -> None:
-    """Give a child process every CPU this process may use: a child inherits the affinity of
-    the thread that started it, and a pinned vCPU thread starts the trace writer."""
+    """Move a child process off the calling thread's CPU: a child inherits the affinity of the
+    thread that started it, and a pinned vCPU thread starts the trace writer, which should run
+    beside the vCPU, not take turns with it. It gets every other CPU this process may use (all
+    of them if the caller is not pinned, or if there is no other)."""
     cpus = process_cpus()
-    if cpus:
-        try:
-            os.sched_setaffinity(pid, cpus)
-        except OSError:
-            pass  # it has gone already, or the host refuses: it only runs slower
+    if not cpus:
+        return
+    mine = os.sched_getaffinity(0)
+    others = [cpu for cpu in cpus if cpu not in mine]
+    try:
+        os.sched_setaffinity(pid, others or cpus)
+    except OSError:
+        pass  # it has gone already, or the host refuses: it only runs slower
