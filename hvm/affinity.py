@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterable
 
 # Where a domain's vCPU and device-model threads run (RunOptions.dm_affinity, --dm-affinity):
 # "vcpu": both on one host CPU. Each ioreq hands the CPU from one to the other and back; on
@@ -40,6 +42,18 @@ def pin_current_thread(cpu: int | None) -> bool:
     except OSError:
         return False
     return True
+
+
+def pin_threads(threads: Iterable[threading.Thread], cpu: int | None) -> None:
+    """Run these (started) threads on `cpu` only (None: leave them)."""
+    if cpu is None or not can_pin():
+        return
+    for thread in threads:
+        if thread.native_id is not None and thread.is_alive():
+            try:
+                os.sched_setaffinity(thread.native_id, {cpu})
+            except OSError:
+                pass  # it ended meanwhile, or the host refuses: it only runs slower
 
 
 def release_process(pid: int) -> None:

@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dm-affinity", choices=DM_AFFINITIES, default="vcpu",
                      help="vcpu (default): the device-model thread runs on the vCPU thread's host CPU, "
                           "so an ioreq is a switch between two threads, not a wake-up on another CPU "
-                          "(2-3x faster here: hvmlab bench ioreq); any: the host scheduler places it")
+                          "(2-3x faster here: hvmlab bench ioreq); with --pv, Dom0's backend threads "
+                          "run on the vCPU's CPU; any: the host scheduler places them")
     run.add_argument("--trace", type=Path, metavar="FILE", help="write one JSON object per exit to FILE")
     run.add_argument("--dump-vmcs", type=_nonneg_int, metavar="N",
                      help="print the VMCS as it was at exit N (0 = first), by area")
@@ -300,7 +301,7 @@ def _run_pv(args: argparse.Namespace) -> int:
         if args.disk is not None:
             backends.append(blk_factory(args.disk))
         options = PvOptions(mem=args.mem, timeout_s=args.timeout or None, max_hypercalls=args.max_exits,
-                            trace=args.trace, backends=backends)
+                            trace=args.trace, backends=backends, affinity=args.dm_affinity)
         result = run_pv(image, options, ConsoleSink(None if args.json else sys.stdout.buffer))
     except (LoadError, DiskError) as exc:
         print(f"hvmlab: error: {exc}", file=sys.stderr)

@@ -83,6 +83,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from hvm.affinity import pair_cpu, pin_threads
 from hvm.boot import PROTECTED_STACK
 from hvm.console import ConsoleSink
 from hvm.evtchn import EventChannel
@@ -353,6 +354,10 @@ class PvOptions:
     trace: Path | None = None
     dom0_mem: int = 4 << 20
     backends: Sequence[BackendFactory] = field(default_factory=default_backends)
+    # "vcpu": the vCPU and every Dom0 thread this run starts (xenstored, the backends, event
+    # delivery) on one host CPU, as an HVM vCPU shares one with its device model (hvm.affinity);
+    # "any": the host scheduler places them.
+    affinity: str = "vcpu"
 
 
 def supervise(domains: Sequence[PvDomain], timeout_s: float | None) -> None:
@@ -397,6 +402,7 @@ def run_pv(image: GuestImage, options: PvOptions | None = None,
     services: list[Stoppable] = []
     summary: dict[str, Any] | None = None
     start = time.monotonic()
+    threads_before = set(threading.enumerate())
     try:
         dom0.start()
         domain = dom0.create_pv_domain(image, mem=options.mem, console=console, tracer=tracer,
@@ -405,6 +411,8 @@ def run_pv(image: GuestImage, options: PvOptions | None = None,
             services.append(attach(dom0, domain))
         start = time.monotonic()
         domain.start()
+        if options.affinity == "vcpu":
+            pin_threads((t for t in threading.enumerate() if t not in threads_before), pair_cpu(0))
         supervise([domain], options.timeout_s)
         wall = time.monotonic() - start
         for service in services:

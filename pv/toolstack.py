@@ -282,7 +282,7 @@ def up(spec: MachineSpec, stream: BinaryIO | None = None,
             else:
                 port = bridge.add_port(d.name) if d.vifs else None
                 options = RunOptions(mem=d.memory_mib << 20, timeout_s=spec.timeout_s + 5,
-                                     placement=d.placement,
+                                     placement=d.placement, pair_index=len(hvm_domains),
                                      disk=d.disks[0].path if d.disks else None,
                                      trace=hvm_trace_path(trace, d.name) if trace else None)
                 if d.disks:
