@@ -76,6 +76,7 @@ class Vcpu:
         self._disasm = Disassembler(self.bits)
         self._io_cache: dict[int, tuple[bytes, IoInstruction, int, str, int, int]] = {}
         self._string: tuple[int, int, list[int] | None] | None = None  # (pc, elements left, IN values)
+        self._string_finish: tuple[int, IoInstruction, int, bool, list[int] | None, int] | None = None
         self._event: tuple[str, int, int, int] | None = None  # (kind, vector, pc, cr2)
         self._ending: GuestEnded | None = None
         self._kicked = threading.Event()
@@ -351,11 +352,59 @@ class Vcpu:
         in_values = list(values) if io.direction_in and values is not None else None  # type: ignore[call-overload]
         if count > 1:
             self._string = (pc, count - 1, in_values[1:] if in_values is not None else None)
+            if self._can_finish_string(io, linear, offset, count, df):
+                # Unicorn runs a REP string instruction one element per iteration, each with a
+                # hook call. The handler has done them all: stop here and finish the
+                # instruction at once (_finish_string).
+                self._string_finish = (pc, io, count, df, in_values, base)
+                self.engine.stop()
         self._finish(x, (port, size, "in" if io.direction_in else "out", True, io.rep, count, None)
                      if self.tracer else None)
         if in_values:
             return in_values[0]
         return 0
+
+    def _can_finish_string(self, io: IoInstruction, linear: int, offset: int, count: int, df: bool) -> bool:
+        """Can the rest of this REP INS/OUTS be skipped in Unicorn? Only when every element's
+        memory is RAM (otherwise Unicorn must fault on the element that leaves it), nothing
+        single-steps, and the index register does not wrap around its address size."""
+        if self.engine.reg(Reg.EFLAGS) & (1 << 8):  # TF: one trap per element
+            return False
+        span = (count - 1) * io.size
+        if (offset - span < 0) if df else (offset + span + io.size > 1 << io.address_size):
+            return False
+        first = linear - span if df else linear
+        return first >= 0 and self.memory.contains(first, span + io.size)
+
+    def _finish_string(self) -> None:
+        """After the stop that _string_exit asked for: complete the REP INS/OUTS as the CPU
+        would have, for the elements rCX says are left (Unicorn abandons the iteration a stop
+        comes in, so that is usually all of them): the IN values stored in guest memory, rCX = 0,
+        rDI (INS) or rSI (OUTS) moved past them, rIP past the instruction. OUT values were
+        taken at the exit."""
+        finish, self._string_finish = self._string_finish, None
+        if finish is None:
+            return
+        pc, io, count, df, in_values, base = finish  # base: of ES for INS (its only segment)
+        self._string = None  # from here on no hook serves this instruction's elements
+        mask = (1 << io.address_size) - 1
+        wide = self.bits == 64
+        rcx = Reg.RCX if wide else Reg.ECX
+        engine = self.engine
+        left = engine.reg(rcx) & mask
+        if self.linear_pc() != pc or not 0 < left <= count:
+            return  # the instruction is over (the guest went on): nothing left to do
+        index_reg = (Reg.RDI if wide else Reg.EDI) if io.direction_in else (Reg.RSI if wide else Reg.ESI)
+        step = -io.size if df else io.size
+        index = engine.reg(index_reg)
+        if io.direction_in and in_values is not None:  # what Unicorn would have stored, one by one
+            for i, value in enumerate(in_values[count - left:]):
+                self.memory.write(base + ((index + step * i) & mask), value.to_bytes(io.size, "little"))
+        engine.set_reg(index_reg, _with_low(index, index + step * left, io.address_size))
+        engine.set_reg(rcx, _with_low(engine.reg(rcx), 0, io.address_size))
+        ip_reg = Reg.RIP if wide else Reg.EIP
+        ip_mask = 0xFFFF if self.bits == 16 else (1 << 64) - 1 if wide else 0xFFFF_FFFF
+        engine.set_reg(ip_reg, (engine.reg(ip_reg) + io.length) & ip_mask)
 
     def _string_step(self) -> int:
         assert self._string is not None
@@ -515,6 +564,8 @@ class Vcpu:
             if isinstance(exc, GuestEnded):
                 raise exc
             raise exc  # a bug in a handler: the machine reports it as an internal failure
+        if self._string_finish is not None:
+            self._finish_string()
         event, self._event = self._event, None
         if event is not None:
             self._exception_or_soft(*event)
@@ -676,3 +727,11 @@ class Vcpu:
             self._exception_or_soft("exception", 13, pc)
         else:
             self._ending = GuestEnded("fault", 4, f"the CPU could not go on at {pc:#x}: {error}")
+
+
+def _with_low(old: int, low: int, address_size: int) -> int:
+    """A register after a write of `low` with the given address size: 16 bits keep the rest,
+    32 bits zero-extend (as on x86-64), 64 bits replace it."""
+    if address_size == 16:
+        return (old & ~0xFFFF) | (low & 0xFFFF)
+    return low & ((1 << address_size) - 1)
