@@ -95,33 +95,33 @@ class DeviceModel:
         """REP INS/OUTS (or REP MOVS to MMIO): `count` elements between the device and the
         guest buffer at `data`, stepping backwards when df. A PIO data port with a block path
         moves the whole buffer in one call; others take the elements one by one."""
-        addrs = req.element_addrs()
-        size = req.size
+        size, count = req.size, req.count
         block = self._blocks.get(req.addr) if req.type == IOREQ_TYPE_PIO else None
-        nbytes = size * req.count
+        nbytes = size * count
         self.bytes_copied += nbytes
+        if not count:
+            return
         if req.dir == IOREQ_READ:  # device -> guest memory (INS)
             if block is not None:
                 data = block.read_block(nbytes)
-                chunks = [data[i * size:(i + 1) * size] for i in range(req.count)]
             else:
-                chunks = [bus.read(req.addr, size).to_bytes(size, "little") for _ in addrs]
-            if not req.df and req.count:
-                mem.write(addrs[0], b"".join(chunks))
+                data = b"".join(bus.read(req.addr, size).to_bytes(size, "little") for _ in range(count))
+            if not req.df:
+                mem.write(req.data, data)
             else:
-                for addr, chunk in zip(addrs, chunks, strict=True):
-                    mem.write(addr, chunk)
+                for addr, i in zip(req.element_addrs(), range(0, nbytes, size), strict=True):
+                    mem.write(addr, data[i:i + size])
             return
         # guest memory -> device (OUTS)
-        if not req.df and req.count:
-            data = mem.read(addrs[0], nbytes)
+        if not req.df:
+            data = mem.read(req.data, nbytes)
         else:
-            data = b"".join(mem.read(addr, size) for addr in addrs)
+            data = b"".join(mem.read(addr, size) for addr in req.element_addrs())
         if block is not None:
             block.write_block(data)
             return
-        for i in range(req.count):
-            bus.write(req.addr, size, int.from_bytes(data[i * size:(i + 1) * size], "little"))
+        for i in range(0, nbytes, size):
+            bus.write(req.addr, size, int.from_bytes(data[i:i + size], "little"))
 
     # -- what a user is shown ---------------------------------------------------------------------
     def accesses(self) -> dict[str, int]:

@@ -91,7 +91,7 @@ class IoRouter:
                 sent = self.ioreq.string_pio(port, size, direction_in, gpa, count, df)
                 if not direction_in:
                     return None, DEVICE_MODEL, sent
-                return [self.memory.read_uint(gpa + i * step, size) for i in range(count)], DEVICE_MODEL, sent
+                return self.memory.read_elements(gpa, size, count, step), DEVICE_MODEL, sent
         values: list[int] = []
         handled = HYPERVISOR
         for i in range(count):

@@ -98,13 +98,14 @@ class IoreqClient:
         if len(self.records) > 4096:
             del self.records[:2048]
 
-    def _send_fast(self, addr: int, data: int, size: int, direction_in: bool, type_: int) -> int:
-        """One plain (count 1, no pointer) ioreq without building IoReq objects: the hot path of
-        every device-model port access. Same protocol and errors as send()."""
+    def _send_fast(self, addr: int, data: int, size: int, direction_in: bool, type_: int,
+                   count: int = 1, data_is_ptr: bool = False, df: bool = False) -> int:
+        """One ioreq without building IoReq objects: the hot path of every device-model access
+        (with data_is_ptr, `data` is the guest buffer). Same protocol and errors as send()."""
         page, port, vcpu = self.page, self.port, self.vcpu_id
         try:
-            page.post_fields(vcpu, addr, 0 if direction_in else data, 1, size, port.port, False,
-                             IOREQ_READ if direction_in else IOREQ_WRITE, False, type_)
+            page.post_fields(vcpu, addr, data if data_is_ptr or not direction_in else 0, count, size,
+                             port.port, data_is_ptr, IOREQ_READ if direction_in else IOREQ_WRITE, df, type_)
             port.notify()
             deadline = 0.0
             while True:
@@ -170,9 +171,12 @@ class IoreqClient:
             else:
                 room = (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) // size
             chunk = max(1, min(count, room))
-            self.send(IoReq(addr=port, data=gpa, count=chunk, size=size, vp_eport=0, state=0,
-                            data_is_ptr=True, dir=IOREQ_READ if direction_in else IOREQ_WRITE,
-                            df=df, type=IOREQ_TYPE_PIO))
+            if not self.keep_records:
+                self._send_fast(port, gpa, size, direction_in, IOREQ_TYPE_PIO, chunk, True, df)
+            else:
+                self.send(IoReq(addr=port, data=gpa, count=chunk, size=size, vp_eport=0, state=0,
+                                data_is_ptr=True, dir=IOREQ_READ if direction_in else IOREQ_WRITE,
+                                df=df, type=IOREQ_TYPE_PIO))
             sent += 1
             gpa = gpa - chunk * size if df else gpa + chunk * size
             count -= chunk

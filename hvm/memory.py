@@ -13,6 +13,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 
 
+_ELEMENT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}  # one element of a string instruction, by size
+
 class GuestMemoryError(Exception):
     """A guest-physical access outside guest RAM (the hypervisor turns it into an EPT violation)."""
 
@@ -128,6 +130,23 @@ class GuestMemory:
 
     def write_uint(self, gpa: int, size: int, value: int) -> None:
         self.write(gpa, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+
+    def read_elements(self, gpa: int, size: int, count: int, step: int) -> list[int]:
+        """`count` little-endian values of `size` bytes, the first at gpa, each `step` bytes
+        after the last (step = -size: downwards, as a string instruction with DF=1 goes)."""
+        start = gpa if step > 0 else gpa + step * (count - 1)
+        values = [v for (v,) in struct.iter_unpack(_ELEMENT[size], self.read(start, size * count))]
+        if step < 0:
+            values.reverse()
+        return values
+
+    def write_elements(self, gpa: int, size: int, values: list[int], step: int) -> None:
+        """The reverse of read_elements: values[0] at gpa, the next `step` bytes on."""
+        if not values:
+            return
+        ordered = values if step > 0 else values[::-1]
+        start = gpa if step > 0 else gpa + step * (len(values) - 1)
+        self.write(start, struct.pack(f"<{len(values)}{_ELEMENT[size][1]}", *ordered))
 
     def read_struct(self, gpa: int, fmt: str) -> tuple:
         return struct.unpack(fmt, self.read(gpa, struct.calcsize(fmt)))

@@ -398,8 +398,7 @@ class Vcpu:
         step = -io.size if df else io.size
         index = engine.reg(index_reg)
         if io.direction_in and in_values is not None:  # what Unicorn would have stored, one by one
-            for i, value in enumerate(in_values[count - left:]):
-                self.memory.write(base + ((index + step * i) & mask), value.to_bytes(io.size, "little"))
+            self.memory.write_elements(base + (index & mask), io.size, in_values[count - left:], step)
         engine.set_reg(index_reg, _with_low(index, index + step * left, io.address_size))
         engine.set_reg(rcx, _with_low(engine.reg(rcx), 0, io.address_size))
         ip_reg = Reg.RIP if wide else Reg.EIP
