@@ -173,6 +173,11 @@ class IoreqServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def last_step_times(self) -> IoreqStepTimes | None:
+        """The timestamps of the last synchronous ioreq served, if kept."""
+        with self._times_lock:
+            return self._times[-1] if self._times else None
+
     def step_times(self) -> list[IoreqStepTimes]:
         """Timestamps of the last `history` synchronous ioreqs, oldest first."""
         with self._times_lock:
