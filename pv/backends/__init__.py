@@ -253,6 +253,54 @@ class BackendLoop:
                     log.exception("%s: device service failed", self.name)
 
 
+class SplitBackend:
+    """What blkback and netback share: their devices' connection ends, on one BackendLoop
+    (Linux's xen_blkif_disconnect / xenvif_disconnect_data). A subclass sets `loop` and lists
+    its devices in _devices(); a device has lock, connected, disconnect_reason, channel,
+    grant_ops, ring_handles, stats.grant_ops and on_disconnect."""
+
+    loop: BackendLoop
+
+    def _devices(self) -> list[Any]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        self.loop.stop(timeout_s)
+        for dev in self._devices():
+            self.disconnect(dev, "backend stopped")
+
+    def disconnect(self, dev: Any, reason: str = "disconnected") -> None:
+        """Stop serving `dev` (the xenbus side asked): unmap its rings, close Dom0's end."""
+        with dev.lock:
+            self._teardown(dev, reason)
+
+    def _fail(self, dev: Any, reason: str) -> None:
+        """The frontend broke the protocol: disconnect it and tell whoever owns the device."""
+        if not dev.connected:
+            return
+        self._teardown(dev, reason)
+        if dev.on_disconnect is not None:
+            dev.on_disconnect(reason)
+
+    def _teardown(self, dev: Any, reason: str) -> None:
+        if not dev.connected:
+            return
+        dev.connected = False
+        dev.disconnect_reason = reason
+        self.loop.unwatch(dev.channel)
+        dev.channel.close()
+        for handle in dev.ring_handles:
+            dev.grant_ops.unmap(DOMID_DOM0, handle)
+            dev.stats.grant_ops += 1
+        self._torn_down(dev)
+
+    def _torn_down(self, dev: Any) -> None:
+        """After a device's rings are gone: drop what else it holds (nothing, by default)."""
+
+
 class _PollSet:
     """The loop's poll(2) set. Unlike hvm.evtchn.WaitSet it reports a port whose descriptor was
     closed under it (POLLNVAL) instead of polling it again: a backend must not spin on a port

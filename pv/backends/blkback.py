@@ -17,6 +17,7 @@ from pv.backends import (
     ConnectError,
     FrontendLink,
     RingPushHook,
+    SplitBackend,
     StepHook,
     grant_entry,
     status_name,
@@ -113,7 +114,7 @@ class BlkifDevice:
         self.devid = devid
         self.name = f"blkif/d{domid}/{devid}"
         self.ring = ring
-        self.ring_handle = ring_handle
+        self.ring_handles = (ring_handle,)
         self.channel = channel
         self.disk = disk
         self.grant_ops = grant_ops
@@ -143,7 +144,7 @@ class BlkifDevice:
         return bytes(rsp)
 
 
-class Blkback:
+class Blkback(SplitBackend):
     """The block backend: one thread serving every connected vbd's ring.
 
     A notification wakes the thread; it copies every published request out of the ring
@@ -197,38 +198,9 @@ class Blkback:
         self.loop.request(lambda: self.service(dev))  # requests queued before we bound
         return dev
 
-    def disconnect(self, dev: BlkifDevice, reason: str = "disconnected") -> None:
-        """Stop serving `dev` (the xenbus side asked): unmap its ring, close Dom0's end."""
-        with dev.lock:
-            self._teardown(dev, reason)
-
-    def _fail(self, dev: BlkifDevice, reason: str) -> None:
-        """The frontend broke the protocol: disconnect it and tell whoever owns the device."""
-        if not dev.connected:
-            return
-        self._teardown(dev, reason)
-        if dev.on_disconnect is not None:
-            dev.on_disconnect(reason)
-
-    def _teardown(self, dev: BlkifDevice, reason: str) -> None:
-        if not dev.connected:
-            return
-        dev.connected = False
-        dev.disconnect_reason = reason
-        self.loop.unwatch(dev.channel)
-        dev.channel.close()
-        dev.grant_ops.unmap(DOMID_DOM0, dev.ring_handle)
-        dev.stats.grant_ops += 1
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self.loop.stop(timeout_s)
+    def _devices(self) -> list[BlkifDevice]:
         with self._lock:
-            devices = list(self.devices)
-        for dev in devices:
-            self.disconnect(dev, "backend stopped")
+            return list(self.devices)
 
     # -- the ring ------------------------------------------------------------------------------
     def service(self, dev: BlkifDevice) -> None:

@@ -18,6 +18,7 @@ from pv.backends import (
     ConnectError,
     FrontendLink,
     RingPushHook,
+    SplitBackend,
     StepHook,
     grant_entry,
     status_name,
@@ -194,7 +195,7 @@ class _TxSlot:
     size: int
 
 
-class Netback:
+class Netback(SplitBackend):
     """The network backend: one thread serving every vif's rings.
 
     tx: each packet (one slot, or a NETTXF_more_data chain) is validated, its fragments are
@@ -260,39 +261,13 @@ class Netback:
         self.loop.request(vif.service)
         return vif
 
-    def disconnect(self, vif: Vif, reason: str = "disconnected") -> None:
-        with vif.lock:
-            self._teardown(vif, reason)
+    def _devices(self) -> list[Vif]:
+        with self._lock:
+            return list(self.vifs)
 
-    def _fail(self, vif: Vif, reason: str) -> None:
-        if not vif.connected:
-            return
-        self._teardown(vif, reason)
-        if vif.on_disconnect is not None:
-            vif.on_disconnect(reason)
-
-    def _teardown(self, vif: Vif, reason: str) -> None:
-        if not vif.connected:
-            return
-        vif.connected = False
-        vif.disconnect_reason = reason
-        self.loop.unwatch(vif.channel)
-        vif.channel.close()
-        for handle in vif.ring_handles:
-            vif.grant_ops.unmap(DOMID_DOM0, handle)
-            vif.stats.grant_ops += 1
+    def _torn_down(self, vif: Vif) -> None:
         with vif._rx_lock:
             vif._rx_queue.clear()
-
-    def start(self) -> None:
-        self.loop.start()
-
-    def stop(self, timeout_s: float = 2.0) -> None:
-        self.loop.stop(timeout_s)
-        with self._lock:
-            vifs = list(self.vifs)
-        for vif in vifs:
-            self.disconnect(vif, "backend stopped")
 
     def stats(self) -> VifStats:
         """The counters of every vif, summed."""
