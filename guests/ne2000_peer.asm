@@ -18,51 +18,7 @@ org 0x7c00
 
 %include "lib/ports.inc"
 
-NE_BASE         equ 0x300
-NE_CR           equ NE_BASE + 0x00      ; command register, every page
-NE_PSTART       equ NE_BASE + 0x01      ; page 0 (write)
-NE_PSTOP        equ NE_BASE + 0x02
-NE_BNRY         equ NE_BASE + 0x03      ; page 0 (read and write)
-NE_TPSR         equ NE_BASE + 0x04
-NE_TBCR0        equ NE_BASE + 0x05
-NE_TBCR1        equ NE_BASE + 0x06
-NE_ISR          equ NE_BASE + 0x07
-NE_RSAR0        equ NE_BASE + 0x08
-NE_RSAR1        equ NE_BASE + 0x09
-NE_RBCR0        equ NE_BASE + 0x0A
-NE_RBCR1        equ NE_BASE + 0x0B
-NE_RCR          equ NE_BASE + 0x0C
-NE_TCR          equ NE_BASE + 0x0D
-NE_DCR          equ NE_BASE + 0x0E
-NE_IMR          equ NE_BASE + 0x0F
-NE_PAR0         equ NE_BASE + 0x01      ; page 1
-NE_CURR         equ NE_BASE + 0x07
-NE_DATA         equ NE_BASE + 0x10      ; the ASIC's remote DMA window
-NE_RESET        equ NE_BASE + 0x1F
-
-CR_STP          equ 0x01
-CR_STA          equ 0x02
-CR_TXP          equ 0x04
-CR_RD_READ      equ 0x08
-CR_RD_WRITE     equ 0x10
-CR_RD_ABORT     equ 0x20
-CR_PAGE1        equ 0x40
-ISR_PRX         equ 0x01
-ISR_PTX         equ 0x02
-ISR_TXE         equ 0x08
-ISR_OVW         equ 0x10
-ISR_RDC         equ 0x40
-ISR_RST         equ 0x80
-RSR_PRX         equ 0x01                ; receive status: the packet arrived intact
-DCR_WORD        equ 0x49                ; WTS word transfers, LS normal (not loopback), FIFO 8 bytes
-RCR_MONITOR     equ 0x20                ; check addresses, store nothing
-RCR_BROADCAST   equ 0x04                ; accept broadcast frames, once running
-TCR_LOOPBACK    equ 0x02                ; internal loopback (LB0)
-TCR_NORMAL      equ 0x00
-TX_PAGE         equ 0x40                ; the first 256-byte page of the 16 KiB buffer RAM
-RX_START        equ 0x46                ; receive ring after 6 transmit pages (a full frame)
-RX_STOP         equ 0x80
-RX_HEADER       equ 4                   ; receive status, next page, byte count (low, high)
+%include "lib/ne2000.inc"
 
 ETH_ALEN        equ 6
 ETH_HLEN        equ 14
@@ -459,44 +415,7 @@ remote_read:
     rep insw
     jmp remote_done
 
-; remote_setup: remote DMA of CX bytes at card address BX (RSAR, RBCR); ISR.RDC cleared.
-remote_setup:
-    mov dx, NE_ISR
-    mov al, ISR_RDC
-    out dx, al
-    mov dx, NE_RSAR0
-    mov al, bl
-    out dx, al
-    mov dx, NE_RSAR1
-    mov al, bh
-    out dx, al
-    mov dx, NE_RBCR0
-    mov al, cl
-    out dx, al
-    mov dx, NE_RBCR1
-    mov al, ch
-    out dx, al
-    ret
-
-; remote_done: wait for ISR.RDC (the byte count reached 0), acknowledge it. CF set and
-; ESI = the reason if it never comes.
-remote_done:
-    mov dx, NE_ISR
-    mov cx, POLL_LIMIT
-.poll:
-    in al, dx
-    test al, ISR_RDC
-    jnz .done
-    dec cx
-    jnz .poll
-    mov esi, no_rdc
-    stc
-    ret
-.done:
-    mov al, ISR_RDC
-    out dx, al
-    clc
-    ret
+%include "lib/ne2000_rdma16.inc"
 
 ; print_mac: the 6 bytes at SI as xx:xx:xx:xx:xx:xx.
 print_mac:

@@ -40,50 +40,8 @@ org 0x100000
 
 %include "lib/ports.inc"
 
-NE_BASE         equ 0x300
-NE_CR           equ NE_BASE + 0x00
-NE_PSTART       equ NE_BASE + 0x01      ; page 0 (write)
-NE_PSTOP        equ NE_BASE + 0x02
-NE_BNRY         equ NE_BASE + 0x03
-NE_TPSR         equ NE_BASE + 0x04
-NE_TBCR0        equ NE_BASE + 0x05
-NE_TBCR1        equ NE_BASE + 0x06
-NE_ISR          equ NE_BASE + 0x07
-NE_RSAR0        equ NE_BASE + 0x08
-NE_RSAR1        equ NE_BASE + 0x09
-NE_RBCR0        equ NE_BASE + 0x0A
-NE_RBCR1        equ NE_BASE + 0x0B
-NE_RCR          equ NE_BASE + 0x0C
-NE_TCR          equ NE_BASE + 0x0D
-NE_DCR          equ NE_BASE + 0x0E
-NE_IMR          equ NE_BASE + 0x0F
-NE_PAR0         equ NE_BASE + 0x01      ; page 1
-NE_CURR         equ NE_BASE + 0x07      ; page 1
-NE_DATA         equ NE_BASE + 0x10
-NE_RESET        equ NE_BASE + 0x1F
-CR_STP          equ 0x01
-CR_STA          equ 0x02
-CR_TXP          equ 0x04
-CR_RD_READ      equ 0x08
-CR_RD_WRITE     equ 0x10
-CR_RD_ABORT     equ 0x20
-CR_PAGE1        equ 0x40
-ISR_PRX         equ 0x01
-ISR_PTX         equ 0x02
-ISR_TXE         equ 0x08
-ISR_OVW         equ 0x10
-ISR_RDC         equ 0x40
-ISR_RST         equ 0x80
-RSR_PRX         equ 0x01
-DCR_WORD        equ 0x49
-RCR_MONITOR     equ 0x20
-RCR_BROADCAST   equ 0x04
-TCR_LOOPBACK    equ 0x02
-TCR_NORMAL      equ 0x00
-TX_PAGE         equ 0x40
-RX_START        equ 0x46
-RX_STOP         equ 0x80
-RX_HEADER       equ 4
+%include "lib/ne2000.inc"
+
 POLL_LIMIT      equ 0x100000
 FRAME_BUF       equ 0x200000            ; page-aligned: one `rep insw/outsw` is one ioreq
 DMA_BYTES       equ (WL_SIZE + 1) & ~1  ; word transfers move an even count
