@@ -45,59 +45,8 @@ start:
     mov ds, ax
     mov es, ax
 
-    ; Reset: reading the reset port pulses RESET, writing the value back ends it; the NIC
-    ; reports the stopped state with ISR.RST.
-    mov dx, NE_RESET
-    in al, dx
-    out dx, al
-    mov dx, NE_ISR
-    mov cx, POLL_LIMIT
-.reset:
-    in al, dx
-    test al, ISR_RST
-    jnz .was_reset
-    dec cx
-    jnz .reset
-    mov esi, no_card
-    jmp fail
-.was_reset:
-
-    ; The DP8390 initialization sequence, in the datasheet's order: stopped, with the
-    ; receiver storing nothing and the transmitter looped back until the ring is set up.
-    mov dx, NE_CR
-    mov al, CR_RD_ABORT | CR_STP        ; page 0, no remote DMA, stopped
-    out dx, al
-    mov dx, NE_DCR
-    mov al, DCR_WORD
-    out dx, al
-    xor al, al
-    mov dx, NE_RBCR0
-    out dx, al
-    mov dx, NE_RBCR1
-    out dx, al
-    mov dx, NE_RCR
-    mov al, RCR_MONITOR
-    out dx, al
-    mov dx, NE_TCR
-    mov al, TCR_LOOPBACK
-    out dx, al
-    mov dx, NE_TPSR
-    mov al, TX_PAGE
-    out dx, al
-    mov dx, NE_PSTART
-    mov al, RX_START
-    out dx, al
-    mov dx, NE_BNRY                     ; one page behind CURR: the ring is empty
-    out dx, al
-    mov dx, NE_PSTOP
-    mov al, RX_STOP
-    out dx, al
-    mov dx, NE_ISR
-    mov al, 0xFF                        ; write 1s: clear every status bit
-    out dx, al
-    mov dx, NE_IMR
-    xor al, al                          ; no interrupts: IRQ 9 stays quiet, ISR is polled
-    out dx, al
+    call ne_reset_init                  ; reset, then the DP8390 initialization sequence
+    jc fail
 
     ; The station address PROM through remote DMA: 32 bytes from card address 0, each
     ; PROM byte doubled on the 16-bit card, so the MAC is the low byte of words 0-5.
@@ -415,7 +364,7 @@ remote_read:
     rep insw
     jmp remote_done
 
-%include "lib/ne2000_rdma16.inc"
+%include "lib/ne2000_16.inc"
 
 ; print_mac: the 6 bytes at SI as xx:xx:xx:xx:xx:xx.
 print_mac:
