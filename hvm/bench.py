@@ -23,6 +23,10 @@ from .machine import RunOptions, run
 from .nasm import assemble_text
 
 REPEATS = 3
+# Below these counts a measurement lasts a few tens of ms and a run's start-up noise can
+# outweigh the difference it measures: the ratios are then printed with a warning.
+STEADY_EXITS = 50_000
+STEADY_IOS = 2_000
 PAIRED_REPEATS = 5  # a ratio near its target: more pairs, so one noisy pair cannot decide it
 
 OUT_LOOP = """bits 32
@@ -227,6 +231,9 @@ def bench_ioreq(ios: int, as_json: bool) -> int:
                           "ios_per_measurement": n, "targets": {k: f"{op} {v}" for k, (op, v) in targets.items()}}))
         return 0
     out = Console()
+    if n < STEADY_IOS:
+        out.print(f"note: {n:,} I/Os per measurement is too few for steady figures (start-up noise "
+                  f"dominates); use --ios {STEADY_IOS:,} or more (default 5,000)")
     table = Table(title=f"hvmlab bench ioreq (median of {REPEATS}; the floor and IN: of "
                         f"{PAIRED_REPEATS} pairs; {n:,} I/Os per measurement)")
     for col in ("figure", "median", "min", "max", "x floor"):
@@ -336,6 +343,9 @@ def bench_vmexit(exits: int, memory_exits: int, as_json: bool) -> int:
                           "guest_code_speed_vs_bare_unicorn_each": speed_ratios, "exits_per_measurement": n}))
         return 0
     out = Console()
+    if n < STEADY_EXITS:
+        out.print(f"note: {n:,} exits per measurement is too few for steady figures (start-up noise "
+                  f"dominates); use --exits {STEADY_EXITS:,} or more (default 200,000)")
     table = Table(title=f"hvmlab bench vmexit (median of {REPEATS}, {n:,} exits per measurement)")
     for col in ("figure", "median", "min", "max", "x baseline"):
         table.add_column(col, justify="left" if col == "figure" else "right")
