@@ -46,10 +46,10 @@ CLOSE_TIMEOUT_S = 120.0  # bound for the writer to drain what it was sent and ex
 # u32 little-endian) then the payload. Both ends are the same interpreter (sys.executable),
 # so marshal's format is shared.
 MSG_HEAD = struct.Struct("<cI")
-MSG_RECORDS = b"R"  # marshal (version 4) of a list of Records
+MSG_RECORDS = b"R"  # marshal (version 2) of a list of Records
 MSG_TEXT = b"T"  # lines already formatted (UTF-8, surrogatepass)
 MSG_END = b"E"  # the last message: the process closes the file and exits 0
-_MARSHAL_VERSION = 4
+_MARSHAL_VERSION = 2  # see the compact records below
 # The package root, put on the writer process's path so it imports this very hvm package.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 # The writer process; the trace file's descriptor number is appended. -P -S: it needs only the
@@ -62,37 +62,42 @@ class TraceWriteError(RuntimeError):
 
 
 # Compact records for the most frequent exits. What is the same each time one instruction
-# exits ("a site": vcpu, the vCPU's time origin t0_ns, reason, the qualification without the
-# port, rip, insn, size, direction, string, rep, count) is sent once as a site definition
-# (SITE_TAG, site_id, *static); each exit then is (site_id, port, handled_by, seq + 1,
-# t_exit_ns, t_entry_ns, data) with raw clock readings: the subtractions happen here, not on
-# the vCPU thread. The lines they format to are exactly those of the full record.
+# exits and the hypervisor serves it ("a site": vcpu, the vCPU's time origin t0_ns, reason, the
+# qualification without the port, rip, insn, handled_by, size, direction, string, rep, count)
+# is sent once as a site definition (SITE_TAG, site_id, *static); each exit then is (site_id,
+# port, seq + 1, t_exit, t_entry, data): the clock readings raw, as CLOCK_MONOTONIC seconds in
+# a float (time.perf_counter), rounded to ns and subtracted here, not on the vCPU thread. A
+# double holds those ns exactly while the host has been up less than 2^52 ns (52 days); after
+# that a time may be 1 ns off. The lines they format to are exactly those of the full record.
+# A batch of records travels as marshal version 2: with only numbers and no shared strings in
+# them, it skips version 4's reference table.
 SITE_TAG = "S"
 Sites = dict[int, tuple[str, int, int]]  # site id -> (line template, t0_ns, qualification base)
 
 
 def site_entry(static: tuple) -> tuple[str, int, int]:
     """A site definition's static part as the formatter keeps it: the line with the static
-    values in place and %-slots for seq, t_ns, qualification, handled_by, latency, port, data."""
-    vcpu, t0, code, qual_base, rip, insn_json, size, direction, string, rep, count = static
+    values in place and %-slots for seq, t_ns, qualification, latency, port, data."""
+    vcpu, t0, code, qual_base, rip, insn_json, handled_by, size, direction, string, rep, count = static
     reason = NAMES.get(code) or reason_name(code)
-    fixed = [str(vcpu), reason, str(code), str(rip), insn_json, str(size), direction, _BOOL[string],
-             _BOOL[rep], str(count)]
-    vcpu_s, reason, code_s, rip_s, insn_json, size_s, direction, string_s, rep_s, count_s = (
+    fixed = [str(vcpu), reason, str(code), str(rip), insn_json, handled_by, str(size), direction,
+             _BOOL[string], _BOOL[rep], str(count)]
+    vcpu_s, reason, code_s, rip_s, insn_json, handled_s, size_s, direction, string_s, rep_s, count_s = (
         part.replace("%", "%%") for part in fixed)
     template = (f'{{"seq":%d,"t_ns":%d,"vcpu":{vcpu_s},"reason":"{reason}","reason_code":{code_s},'
-                f'"qualification":%d,"rip":{rip_s},"insn":{insn_json},"handled_by":"%s",'
+                f'"qualification":%d,"rip":{rip_s},"insn":{insn_json},"handled_by":"{handled_s}",'
                 f'"latency_ns":%d,"port":%d,"size":{size_s},"direction":"{direction}",'
                 f'"string":{string_s},"rep":{rep_s},"count":{count_s},"data":%s}}\n')
     return template, t0, qual_base
 
 
 def format_record(r: Record | tuple, sites: Sites | None = None) -> str:
-    if len(r) == 7:  # a compact record of a site
-        site_id, port, handled_by, seq1, t_exit, t_entry, data = r
+    if len(r) == 6:  # a compact record of a site
+        site_id, port, seq1, t_exit, t_entry, data = r
         template, t0, qual_base = sites[site_id]  # type: ignore[index]
-        return template % (seq1 - 1, t_exit - t0, qual_base | port << 16, handled_by, t_entry - t_exit,
-                           port, "null" if data is None else data)
+        exit_ns, entry_ns = round(t_exit * 1e9), round(t_entry * 1e9)
+        return template % (seq1 - 1, exit_ns - t0, qual_base | port << 16, entry_ns - exit_ns, port,
+                           "null" if data is None else data)
     if r[0] == SITE_TAG:
         if sites is not None:
             sites[r[1]] = site_entry(tuple(r[2:]))

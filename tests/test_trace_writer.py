@@ -327,8 +327,8 @@ def test_compact_records_give_the_lines_full_records_give(tmp_path: Path) -> Non
 
 def test_a_site_template_keeps_percent_signs_literal() -> None:
     sites: trace.Sites = {}
-    format_record((trace.SITE_TAG, 7, 0, 100, 30, 0x40, 0x1000, '"out 0x80, al ; 100%d"', 1, "out",
-                   False, False, 1), sites)
-    line = format_record((7, 0x80, "hypervisor", 5, 150, 180, 9), sites)
+    format_record((trace.SITE_TAG, 7, 0, 100, 30, 0x40, 0x1000, '"out 0x80, al ; 100%d"', "hypervisor",
+                   1, "out", False, False, 1), sites)
+    line = format_record((7, 0x80, 5, 150e-9, 180e-9, 9), sites)
     assert line == reference_format((4, 50, 0, 30, 0x00800040, 0x1000, '"out 0x80, al ; 100%d"',
                                      "hypervisor", 30, (0x80, 1, "out", False, False, 1, 9), None))
