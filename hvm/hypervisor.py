@@ -210,11 +210,9 @@ class Hypervisor:
     # -- instructions ----------------------------------------------------------------------------
     def _cpuid(self, vcpu: Vcpu, x: ExitInfo) -> None:
         leaf, subleaf = vcpu.reg(Reg.EAX) & 0xFFFF_FFFF, vcpu.reg(Reg.ECX) & 0xFFFF_FFFF
-        values = self.cpu.query(leaf, subleaf)
-        regs = (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX) if vcpu.bits == 64 else (Reg.EAX, Reg.EBX, Reg.ECX, Reg.EDX)
-        for reg, value in zip(regs, values, strict=True):
-            vcpu.set_reg(reg, value)
-        x.extra = {"leaf": leaf, "subleaf": subleaf}
+        vcpu.set_cpuid_result(self.cpu.query(leaf, subleaf))  # EAX, EBX, ECX, EDX (RAX.. in long mode)
+        if vcpu.tracer is not None:
+            x.extra = {"leaf": leaf, "subleaf": subleaf}
 
     def _rdtsc(self, vcpu: Vcpu, x: ExitInfo) -> None:
         offset = vcpu.vmcs.vmread(V.TSC_OFFSET)

@@ -66,6 +66,9 @@ class Vcpu:
         self.bits = engine.bits
         self._io_exit_cache: dict[int, bool] = {}  # port | size << 16 -> exits? (from the bitmaps)
         self._pc = engine.pc_reader()
+        # CPUID's four results in one C call (see Hypervisor._cpuid)
+        self.set_cpuid_result = engine.registers_writer(
+            (Reg.RAX, Reg.RBX, Reg.RCX, Reg.RDX) if engine.bits == 64 else (Reg.EAX, Reg.EBX, Reg.ECX, Reg.EDX))
         self._ram = memory.ram
         self._io_handler = hypervisor.exit_table()[R.IO_INSTRUCTION]
         self._record_exit = self.vmcs.record_exit
