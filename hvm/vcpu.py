@@ -339,10 +339,9 @@ class Vcpu:
         """INS/OUTS: ONE exit for the whole (REP) instruction, as on hardware; the elements the
         hooks see afterwards are served from what the handler did at the exit."""
         engine = self.engine
-        mask = {16: 0xFFFF, 32: 0xFFFF_FFFF, 64: 0xFFFF_FFFF_FFFF_FFFF}[io.address_size]
-        wide = self.bits == 64
-        count = (engine.reg(Reg.RCX if wide else Reg.ECX) & mask) if io.rep else 1
-        index_reg = (Reg.RDI if wide else Reg.EDI) if io.direction_in else (Reg.RSI if wide else Reg.ESI)
+        mask = (1 << io.address_size) - 1
+        count_reg, index_reg = self._string_registers(io)
+        count = (engine.reg(count_reg) & mask) if io.rep else 1
         offset = engine.reg(index_reg) & mask
         base = engine.segment(io.segment).base if self.bits != 64 else 0
         linear = (base + offset) & (0xF_FFFF if self.bits == 16 else 0xFFFF_FFFF_FFFF_FFFF)
@@ -393,22 +392,25 @@ class Vcpu:
         pc, io, count, df, in_values, base = finish  # base: of ES for INS (its only segment)
         self._string = None  # from here on no hook serves this instruction's elements
         mask = (1 << io.address_size) - 1
-        wide = self.bits == 64
-        rcx = Reg.RCX if wide else Reg.ECX
+        rcx, index_reg = self._string_registers(io)
         engine = self.engine
         left = engine.reg(rcx) & mask
         if self.linear_pc() != pc or not 0 < left <= count:
             return  # the instruction is over (the guest went on): nothing left to do
-        index_reg = (Reg.RDI if wide else Reg.EDI) if io.direction_in else (Reg.RSI if wide else Reg.ESI)
         step = -io.size if df else io.size
         index = engine.reg(index_reg)
         if io.direction_in and in_values is not None:  # what Unicorn would have stored, one by one
             self.memory.write_elements(base + (index & mask), io.size, in_values[count - left:], step)
         engine.set_reg(index_reg, _with_low(index, index + step * left, io.address_size))
         engine.set_reg(rcx, _with_low(engine.reg(rcx), 0, io.address_size))
-        ip_reg = Reg.RIP if wide else Reg.EIP
-        ip_mask = 0xFFFF if self.bits == 16 else (1 << 64) - 1 if wide else 0xFFFF_FFFF
-        engine.set_reg(ip_reg, (engine.reg(ip_reg) + io.length) & ip_mask)
+        ip_mask = {16: 0xFFFF, 32: 0xFFFF_FFFF, 64: (1 << 64) - 1}[self.bits]
+        engine.set_reg(self._pc_reg, (engine.reg(self._pc_reg) + io.length) & ip_mask)
+
+    def _string_registers(self, io: IoInstruction) -> tuple[int, int]:
+        """A string instruction's count register and index register (rDI for INS, rSI for OUTS)."""
+        if self.bits == 64:
+            return Reg.RCX, Reg.RDI if io.direction_in else Reg.RSI
+        return Reg.ECX, Reg.EDI if io.direction_in else Reg.ESI
 
     def _string_step(self) -> int:
         assert self._string is not None
