@@ -18,9 +18,7 @@ from hvm.ioreq import (
     IOREQ_READ,
     IOREQ_WRITE,
     STATE_IOREQ_INPROCESS,
-    STATE_IOREQ_NONE,
     STATE_IOREQ_READY,
-    STATE_IORESP_READY,
     IoReq,
     SharedIoPage,
     state_name,
@@ -278,11 +276,10 @@ def send_ioreq(page: SharedIoPage, vcpu: int, req: IoReq, port: EventChannel,
     port.notify()
     deadline = time.monotonic() + max(0.0, timeout_s)
     while True:
-        state = page.state(vcpu)
-        if state == STATE_IORESP_READY:
-            data = page.read_data(vcpu)
-            page.set_state(vcpu, STATE_IOREQ_NONE)
+        data = page.take_response(vcpu)  # IORESP_READY -> NONE, or None
+        if data is not None:
             return data
+        state = page.state(vcpu)
         if port.peer_closed:
             raise DeviceModelError(
                 f"vCPU {vcpu}: the device model closed its end of event channel port "

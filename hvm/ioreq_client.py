@@ -73,6 +73,14 @@ class IoreqClient:
             self._record(req, data, t_post)
         return data
 
+    def _send(self, addr: int, data: int, size: int, direction_in: bool, type_: int, count: int = 1,
+              data_is_ptr: bool = False, df: bool = False) -> int:
+        """send() from the fields: an IoReq is built only when the ioreq is to be recorded."""
+        if self.keep_records:
+            return self.send(IoReq(addr, data if data_is_ptr or not direction_in else 0, count, size, 0, 0,
+                                   data_is_ptr, IOREQ_READ if direction_in else IOREQ_WRITE, df, type_))
+        return self._send_fast(addr, data, size, direction_in, type_, count, data_is_ptr, df)
+
     def _record(self, req: IoReq, data: int, t_post: int) -> None:
         t_back = self.now_ns()
         posted = IoReq(req.addr, req.data, req.count, req.size, self.port.port, STATE_IOREQ_READY,
@@ -130,28 +138,13 @@ class IoreqClient:
         return GuestEnded("error", INTERNAL, f"device model failed: vCPU {self.vcpu_id}: {why}")
 
     def pio(self, port: int, size: int, direction_in: bool, data: int) -> int:
-        if not self.keep_records:
-            return self._send_fast(port, data, size, direction_in, IOREQ_TYPE_PIO)
-        return self.send(IoReq(addr=port, data=0 if direction_in else data, count=1, size=size,
-                               vp_eport=0, state=0, data_is_ptr=False,
-                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
-                               type=IOREQ_TYPE_PIO))
+        return self._send(port, data, size, direction_in, IOREQ_TYPE_PIO)
 
     def mmio(self, gpa: int, size: int, direction_in: bool, data: int) -> int:
-        if not self.keep_records:
-            return self._send_fast(gpa, data, size, direction_in, IOREQ_TYPE_COPY)
-        return self.send(IoReq(addr=gpa, data=0 if direction_in else data, count=1, size=size,
-                               vp_eport=0, state=0, data_is_ptr=False,
-                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
-                               type=IOREQ_TYPE_COPY))
+        return self._send(gpa, data, size, direction_in, IOREQ_TYPE_COPY)
 
     def pci_config(self, sbdf: int, reg: int, size: int, direction_in: bool, data: int) -> int:
-        if not self.keep_records:
-            return self._send_fast((sbdf << 32) | reg, data, size, direction_in, IOREQ_TYPE_PCI_CONFIG)
-        return self.send(IoReq(addr=(sbdf << 32) | reg, data=0 if direction_in else data, count=1,
-                               size=size, vp_eport=0, state=0, data_is_ptr=False,
-                               dir=IOREQ_READ if direction_in else IOREQ_WRITE, df=False,
-                               type=IOREQ_TYPE_PCI_CONFIG))
+        return self._send((sbdf << 32) | reg, data, size, direction_in, IOREQ_TYPE_PCI_CONFIG)
 
     def string_pio(self, port: int, size: int, direction_in: bool, gpa: int, count: int, df: bool) -> int:
         """REP INS/OUTS: ioreqs with data_is_ptr = 1 and data = the guest buffer, each capped so
@@ -163,12 +156,7 @@ class IoreqClient:
             else:
                 room = (PAGE_SIZE - (gpa & (PAGE_SIZE - 1))) // size
             chunk = max(1, min(count, room))
-            if not self.keep_records:
-                self._send_fast(port, gpa, size, direction_in, IOREQ_TYPE_PIO, chunk, True, df)
-            else:
-                self.send(IoReq(addr=port, data=gpa, count=chunk, size=size, vp_eport=0, state=0,
-                                data_is_ptr=True, dir=IOREQ_READ if direction_in else IOREQ_WRITE,
-                                df=df, type=IOREQ_TYPE_PIO))
+            self._send(port, gpa, size, direction_in, IOREQ_TYPE_PIO, chunk, True, df)
             sent += 1
             gpa = gpa - chunk * size if df else gpa + chunk * size
             count -= chunk
@@ -187,6 +175,4 @@ class IoreqClient:
                 self.buf_port.notify()  # as a Xen event already pending is not raised again
             return
         self.buffered_full += 1
-        req = IoReq(addr=addr, data=data, count=1, size=size, vp_eport=0, state=0, data_is_ptr=False,
-                    dir=IOREQ_WRITE, df=False, type=type_)
-        self.send(req)
+        self._send(addr, data, size, False, type_)
