@@ -72,6 +72,11 @@ _SIZE_SHIFT, _SIZE_WIDTH = BUF_IOREQ_BITS["size"]
 _ADDR_SHIFT, _ADDR_WIDTH = BUF_IOREQ_BITS["addr"]
 
 
+def _slot_at(pointer: int) -> int:
+    """The page offset of the slot a (free-running) pointer names."""
+    return _SLOTS_AT + (pointer % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+
+
 class BufferedIoPage:
     """A buffered_iopage: the hypervisor appends posted writes, the device model drains them.
 
@@ -110,7 +115,7 @@ class BufferedIoPage:
 
     def _pointers(self) -> tuple[int, int]:
         off = BUFIOREQ_POINTERS_OFFSET
-        rp, wp = struct.unpack(BUFFERED_IOPAGE_FORMAT, bytes(self._mem[off:off + 8]))
+        rp, wp = _POINTERS.unpack(self._mem[off:off + 8])
         return rp, wp
 
     def has_entries(self) -> bool:
@@ -158,14 +163,14 @@ class BufferedIoPage:
         mem = self._mem
         p = BUFIOREQ_POINTERS_OFFSET
         with self._lock:
-            rp, wp = _POINTERS.unpack(mem[p:p + 8])
+            rp, wp = self._pointers()
             used = (wp - rp) & U32_MASK
             if used >= IOREQ_BUFFER_SLOT_NUM - qw:
                 return None
-            off = _SLOTS_AT + (wp % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+            off = _slot_at(wp)
             mem[off:off + BUF_IOREQ_SIZE] = _SLOT.pack(word, data & U32_MASK)
             if qw:
-                off = _SLOTS_AT + ((wp + 1) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+                off = _slot_at(wp + 1)
                 mem[off:off + BUF_IOREQ_SIZE] = _SLOT.pack(word, (data >> 32) & U32_MASK)
             # The slots are filled before write_pointer moves: the reader never sees a
             # pointer past data that is not there yet.
@@ -185,18 +190,18 @@ class BufferedIoPage:
         mem = self._mem
         p = BUFIOREQ_POINTERS_OFFSET
         with self._lock:
-            rp, wp = _POINTERS.unpack(mem[p:p + 8])
+            rp, wp = self._pointers()
         used = (wp - rp) & U32_MASK
         type_mask, size_mask, addr_mask = (1 << _TYPE_WIDTH) - 1, (1 << _SIZE_WIDTH) - 1, (1 << _ADDR_WIDTH) - 1
         i = 0
         while i < used:
-            off = _SLOTS_AT + ((rp + i) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+            off = _slot_at(rp + i)
             word, data = _SLOT.unpack(mem[off:off + BUF_IOREQ_SIZE])
             size = _CODE_SIZE[(word >> _SIZE_SHIFT) & size_mask]
             if size == 8:
                 if i + 1 >= used:  # cannot happen with a well-behaved producer: both halves
                     break  # are published by one write_pointer store
-                off = _SLOTS_AT + ((rp + i + 1) % IOREQ_BUFFER_SLOT_NUM) * BUF_IOREQ_SIZE
+                off = _slot_at(rp + i + 1)
                 data |= _SLOT.unpack(mem[off:off + BUF_IOREQ_SIZE])[1] << 32
                 i += 2
             else:
@@ -206,6 +211,6 @@ class BufferedIoPage:
             # Hand the slots back with an add, never a store of a stale value: the producer may
             # have pulled both pointers back by 511s in between.
             with self._lock:
-                cur_rp = _POINTERS.unpack(mem[p:p + 8])[0]
+                cur_rp = self._pointers()[0]
                 mem[p:p + 4] = _U32.pack((cur_rp + i) & U32_MASK)
         return out
