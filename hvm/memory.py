@@ -13,7 +13,8 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 
 
-_ELEMENT = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}  # one element of a string instruction, by size
+_ELEMENT = {1: "B", 2: "H", 4: "I", 8: "Q"}  # struct code of a string instruction's element, by size
+
 
 class GuestMemoryError(Exception):
     """A guest-physical access outside guest RAM (the hypervisor turns it into an EPT violation)."""
@@ -135,7 +136,7 @@ class GuestMemory:
         """`count` little-endian values of `size` bytes, the first at gpa, each `step` bytes
         after the last (step = -size: downwards, as a string instruction with DF=1 goes)."""
         start = gpa if step > 0 else gpa + step * (count - 1)
-        values = [v for (v,) in struct.iter_unpack(_ELEMENT[size], self.read(start, size * count))]
+        values = [v for (v,) in struct.iter_unpack("<" + _ELEMENT[size], self.read(start, size * count))]
         if step < 0:
             values.reverse()
         return values
@@ -146,7 +147,7 @@ class GuestMemory:
             return
         ordered = values if step > 0 else values[::-1]
         start = gpa if step > 0 else gpa + step * (len(values) - 1)
-        self.write(start, struct.pack(f"<{len(values)}{_ELEMENT[size][1]}", *ordered))
+        self.write(start, struct.pack(f"<{len(values)}{_ELEMENT[size]}", *ordered))
 
     def read_struct(self, gpa: int, fmt: str) -> tuple:
         return struct.unpack(fmt, self.read(gpa, struct.calcsize(fmt)))
