@@ -116,36 +116,8 @@ start:
     call remote_done
     jc fail
 
-    ; Transmit: start page, byte count, then TXP; PTX (or TXE) says it is over.
-    mov dx, NE_TPSR
-    mov al, TX_PAGE
-    out dx, al
-    mov dx, NE_TBCR0
-    mov al, FRAME_LEN & 0xFF
-    out dx, al
-    mov dx, NE_TBCR1
-    mov al, FRAME_LEN >> 8
-    out dx, al
-    mov dx, NE_CR
-    mov al, CR_RD_ABORT | CR_TXP | CR_STA
-    out dx, al
-    mov dx, NE_ISR
-    mov cx, POLL_LIMIT
-.wait_tx:
-    in al, dx
-    test al, ISR_PTX | ISR_TXE
-    jnz .tx_over
-    dec cx
-    jnz .wait_tx
-    mov esi, no_ptx
-    jmp fail
-.tx_over:
-    mov bl, al
-    mov al, ISR_PTX | ISR_TXE
-    out dx, al                          ; acknowledge
-    mov esi, tx_error
-    test bl, ISR_TXE
-    jnz fail
+    call ne_transmit                    ; TPSR, TBCR, CR.TXP; until PTX (or TXE)
+    jc fail
     mov esi, sent_text
     call puts
     jmp test_success

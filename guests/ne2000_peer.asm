@@ -293,36 +293,8 @@ got_greeting:
 ; TXE) says it is over. Counts it and starts the next 20 ms on channel 2. CF set and ESI =
 ; the reason on a failure.
 send_greeting:
-    mov dx, NE_TPSR
-    mov al, TX_PAGE
-    out dx, al
-    mov dx, NE_TBCR0
-    mov al, FRAME_LEN & 0xFF
-    out dx, al
-    mov dx, NE_TBCR1
-    mov al, FRAME_LEN >> 8
-    out dx, al
-    mov dx, NE_CR
-    mov al, CR_RD_ABORT | CR_TXP | CR_STA
-    out dx, al
-    mov dx, NE_ISR
-    mov cx, POLL_LIMIT
-.wait_tx:
-    in al, dx
-    test al, ISR_PTX | ISR_TXE
-    jnz .tx_over
-    dec cx
-    jnz .wait_tx
-    mov esi, no_ptx
-    stc
-    ret
-.tx_over:
-    mov bl, al
-    mov al, ISR_PTX | ISR_TXE
-    out dx, al                          ; acknowledge these two only: PRX stays as it is
-    mov esi, tx_error
-    test bl, ISR_TXE
-    jnz .failed
+    call ne_transmit
+    jc .failed
     inc word [sends]
     ; Mode 0: the control word sets OUT2 low, the count's second byte starts it; OUT2
     ; rises when it reaches 0.
